@@ -1,0 +1,192 @@
+# radpipe: one build for everything: libcommon.a, libgpu.a, the four services, the dev
+# stack tools and the tests.
+#   make run     install what is missing, build, start the embedded stack (foreground)
+#   make test    install what is missing, build with ASan+UBSan, run every test
+#   make bench   benchmarks against peer tools, ratios measured in the same run
+#   make fuzz    libFuzzer targets for a short run each (FUZZ_SECONDS)
+#   make lint    clang-format check, cppcheck, clang-tidy
+#   make all     build only (MODE=release in build/release, MODE=test in build/test)
+# CUDA is optional: nvcc on PATH or in /usr/local/cuda enables gpu/cuda; `make NVCC=` forces
+# the CPU-only build.
+
+.DEFAULT_GOAL := all
+.SUFFIXES:
+.DELETE_ON_ERROR:
+
+MODE ?= release
+BUILD := build/$(MODE)
+CC := gcc
+CXX := g++
+
+PKGS := rdkafka libpq libcjson libcurl libcrypto libpng zlib
+PKG_CFLAGS := $(shell pkg-config --cflags $(PKGS) 2>/dev/null)
+PKG_LIBS := $(shell pkg-config --libs $(PKGS) 2>/dev/null)
+GDCM_CFLAGS := -I/usr/include/gdcm-3.0
+GDCM_LIBS := -lgdcmMSFF -lgdcmDSED -lgdcmCommon -lgdcmDICT -lgdcmIOD
+LIBS := $(PKG_LIBS) -lcivetweb -lniftiio -lznz $(GDCM_LIBS) -lstdc++ -lm -lpthread -ldl
+
+WARN := -Wall -Wextra -Werror -Wshadow -Wformat=2 -Wno-missing-field-initializers \
+        -Wno-format-truncation
+INCS := -Ilibcommon/include -Igpu -I$(BUILD)/gen -I/usr/include/nifti $(PKG_CFLAGS)
+ifeq ($(MODE),test)
+  OPT := -O1 -g -fsanitize=address,undefined -fno-omit-frame-pointer -fno-sanitize-recover=all
+  LDOPT := -fsanitize=address,undefined
+else
+  OPT := -O2 -g -D_FORTIFY_SOURCE=2 -fstack-protector-strong
+  LDOPT :=
+endif
+
+# CUDA: nvcc from PATH, else the standard install location.
+NVCC ?= $(firstword $(shell command -v nvcc 2>/dev/null) $(wildcard /usr/local/cuda/bin/nvcc))
+ifneq ($(strip $(NVCC)),)
+  CUDA_HOME := $(abspath $(dir $(NVCC))..)
+  CUDA_ARCH ?= -gencode arch=compute_80,code=sm_80 -gencode arch=compute_90,code=sm_90 \
+               -gencode arch=compute_90,code=compute_90
+  GPU_CU := $(wildcard gpu/cuda/*.cu)
+  GPU_DEFS := -DRADPIPE_HAVE_CUDA=1
+  CUDA_LIBS := -L$(CUDA_HOME)/lib64 -lcudart_static -lrt
+  NVCCFLAGS := -O3 -std=c++17 $(CUDA_ARCH) -Ilibcommon/include -Igpu $(GPU_DEFS) \
+               -Xcompiler -Wall,-fno-omit-frame-pointer
+endif
+
+CFLAGS := -std=gnu11 -D_GNU_SOURCE -pthread $(WARN) $(OPT) $(INCS) $(GPU_DEFS) -MMD -MP
+CXXFLAGS := -std=c++17 -pthread $(WARN) $(OPT) $(INCS) $(GDCM_CFLAGS) $(GPU_DEFS) -MMD -MP
+LDFLAGS := -pthread $(LDOPT)
+
+obj = $(patsubst %.cc,$(BUILD)/obj/%.o,$(patsubst %.c,$(BUILD)/obj/%.o,$(1)))
+
+# --- libcommon.a -------------------------------------------------------------------------
+LC_SRC := $(wildcard libcommon/*.c libcommon/*.cc)
+LC_OBJ := $(call obj,$(LC_SRC)) $(BUILD)/obj/gen/lc_migrations.o
+LIBCOMMON := $(BUILD)/lib/libcommon.a
+
+$(BUILD)/gen/lc_migrations.c: $(wildcard proto/sql/*.sql) libcommon/gen-migrations.sh
+	@mkdir -p $(@D)
+	sh libcommon/gen-migrations.sh proto/sql > $@
+
+$(BUILD)/obj/gen/lc_migrations.o: $(BUILD)/gen/lc_migrations.c
+	@mkdir -p $(@D)
+	$(CC) $(CFLAGS) -c -o $@ $<
+
+$(LIBCOMMON): $(LC_OBJ)
+	@mkdir -p $(@D)
+	rm -f $@ && ar rcs $@ $^
+
+# --- libgpu.a: gpu/ (runtime choice), gpu/ref (CPU), gpu/cuda (when nvcc is found) -------
+GPU_SRC := $(wildcard gpu/*.c gpu/ref/*.c)
+GPU_OBJ := $(call obj,$(GPU_SRC)) $(patsubst %.cu,$(BUILD)/obj/%.cu.o,$(GPU_CU))
+LIBGPU := $(BUILD)/lib/libgpu.a
+
+$(LIBGPU): $(GPU_OBJ)
+	@mkdir -p $(@D)
+	rm -f $@ && ar rcs $@ $^
+
+$(BUILD)/obj/%.cu.o: %.cu gpu/gpu_seg.h
+	@mkdir -p $(@D)
+	$(NVCC) $(NVCCFLAGS) -c -o $@ $<
+
+# --- generic compile rules ---------------------------------------------------------------
+$(BUILD)/obj/%.o: %.c
+	@mkdir -p $(@D)
+	$(CC) $(CFLAGS) -c -o $@ $<
+
+$(BUILD)/obj/%.o: %.cc
+	@mkdir -p $(@D)
+	$(CXX) $(CXXFLAGS) -c -o $@ $<
+
+$(LC_OBJ) $(GPU_OBJ): | $(BUILD)/gen/lc_migrations.c
+
+# --- services ----------------------------------------------------------------------------
+SERVICES := api-gateway dicom-indexer storage-uploader gpu-segmenter
+LINK_LIBS := $(LIBGPU) $(LIBCOMMON) $(LIBS) $(CUDA_LIBS)
+
+define service_rule
+SVC_OBJ_$(1) := $$(call obj,$$(wildcard services/$(1)/*.c))
+SVC_LIBOBJ_$(1) := $$(filter-out %/main.o,$$(SVC_OBJ_$(1)))
+$(BUILD)/bin/$(1): $$(SVC_OBJ_$(1)) $(LIBGPU) $(LIBCOMMON)
+	@mkdir -p $$(@D)
+	$(CXX) $(LDFLAGS) -o $$@ $$(SVC_OBJ_$(1)) $(LINK_LIBS)
+endef
+$(foreach s,$(SERVICES),$(eval $(call service_rule,$(s))))
+SERVICE_BINS := $(SERVICES:%=$(BUILD)/bin/%)
+
+# --- dev tools: the stack runner, the Kafka-protocol dev broker, radpipe-notify ----------
+TOOLS := radpipe-stack radpipe-devbroker
+define tool_rule
+$(BUILD)/bin/$(1): $$(call obj,deploy/dev/$(1).c) $(LIBCOMMON)
+	@mkdir -p $$(@D)
+	$(CXX) $(LDFLAGS) -o $$@ $$< $(LINK_LIBS)
+endef
+$(foreach t,$(TOOLS),$(eval $(call tool_rule,$(t))))
+TOOL_BINS := $(TOOLS:%=$(BUILD)/bin/%)
+
+# --- tests: tests/unit/<dir>/test_*.c, tests/integration/test_*.c ------------------------
+# A test under tests/unit/services/<svc>/ also links that service's objects but main.o.
+TEST_SRC := $(shell find tests/unit tests/integration -name 'test_*.c' 2>/dev/null | sort)
+SUPPORT_OBJ := $(call obj,$(wildcard tests/support/*.c))
+TEST_BINS := $(patsubst tests/%.c,$(BUILD)/tests/%,$(TEST_SRC))
+svc_of = $(word 4,$(subst /, ,$(1)))
+
+$(BUILD)/tests/%: $(BUILD)/obj/tests/%.o $(SUPPORT_OBJ) $(LIBGPU) $(LIBCOMMON) \
+		$(foreach s,$(SERVICES),$(SVC_LIBOBJ_$(s)))
+	@mkdir -p $(@D)
+	$(CXX) $(LDFLAGS) -o $@ $< $(SUPPORT_OBJ) \
+		$(if $(filter tests/unit/services/%,tests/$*),$(SVC_LIBOBJ_$(call svc_of,tests/$*))) \
+		$(LINK_LIBS) -lcmocka
+
+# --- fuzz targets (clang, libFuzzer) -----------------------------------------------------
+FUZZ_SRC := $(wildcard tests/fuzz/fuzz_*.c)
+FUZZ_BINS := $(patsubst tests/fuzz/%.c,build/fuzz/%,$(FUZZ_SRC))
+FUZZ_SECONDS ?= 30
+
+.PHONY: all deps deps-bench tests test run bench fuzz lint format clean
+all: $(LIBCOMMON) $(LIBGPU) $(SERVICE_BINS) $(TOOL_BINS)
+tests: all $(TEST_BINS)
+
+deps:
+	@sh deploy/install-deps.sh
+
+deps-bench:
+	@sh deploy/install-deps.sh bench
+
+test: deps
+	+$(MAKE) MODE=test tests
+	sh tests/run.sh build/test
+
+run: deps
+	+$(MAKE) MODE=release all
+	exec build/release/bin/radpipe-stack
+
+bench: deps-bench
+	+$(MAKE) MODE=release all
+	sh tests/bench/run.sh build/release
+
+build/fuzz/%: tests/fuzz/%.c
+	+$(MAKE) MODE=fuzz-lib $(BUILD_FUZZ_LIB)
+	@mkdir -p $(@D)
+	clang -std=gnu11 -D_GNU_SOURCE -g -O1 -fsanitize=fuzzer,address,undefined $(INCS) \
+		-o $@ $< $(wildcard tests/fuzz/$*.support.c) \
+		build/fuzz-lib/lib/libcommon.a $(LIBS) -lstdc++
+
+fuzz: deps
+	+$(MAKE) MODE=fuzz-lib CC=clang CXX=clang++ \
+		OPT="-O1 -g -fsanitize=address,undefined,fuzzer-no-link" build/fuzz-lib/lib/libcommon.a
+	+$(MAKE) $(FUZZ_BINS)
+	sh tests/fuzz/run.sh $(FUZZ_SECONDS)
+
+C_FILES = $(shell git ls-files '*.c' '*.h' '*.cc' '*.cu')
+lint:
+	clang-format --dry-run --Werror $(C_FILES)
+	cppcheck --quiet --error-exitcode=1 --enable=warning,portability --inline-suppr \
+		--suppress=missingIncludeSystem -Ilibcommon/include -Igpu \
+		libcommon services gpu deploy/dev
+	clang-tidy --quiet $(filter %.c,$(C_FILES)) -- -std=gnu11 -D_GNU_SOURCE $(INCS) \
+		-I$(BUILD)/gen
+
+format:
+	clang-format -i $(C_FILES)
+
+clean:
+	rm -rf build
+
+-include $(shell find $(BUILD) -name '*.d' 2>/dev/null)

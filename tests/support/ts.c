@@ -1,0 +1,198 @@
+/*
+ * ts.c: see ts.h. Uses libpq directly (not lc_db) so the database helpers do not depend on
+ * the code under test.
+ */
+#include <errno.h>
+#include <stdarg.h>
+#include <fcntl.h>
+#include <netinet/in.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <sys/wait.h>
+#include <unistd.h>
+#include <arpa/inet.h>
+#include <libpq-fe.h>
+#include "ts.h"
+
+static char *xasprintf(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
+static char *xasprintf(const char *fmt, ...)
+{
+    va_list ap;
+    char *s = NULL;
+    va_start(ap, fmt);
+    if (vasprintf(&s, fmt, ap) < 0)
+        s = NULL;
+    va_end(ap);
+    if (!s)
+        abort();
+    return s;
+}
+
+const char *ts_root(void)
+{
+    const char *r = getenv("RADPIPE_TEST_ROOT");
+    return r && *r ? r : ".";
+}
+
+const char *ts_bin_dir(void)
+{
+    static char buf[4096];
+    const char *b = getenv("RADPIPE_TEST_BIN");
+    if (b && *b)
+        return b;
+    snprintf(buf, sizeof(buf), "%s/build/test/bin", ts_root());
+    return buf;
+}
+
+char *ts_bin(const char *name)
+{
+    return xasprintf("%s/%s", ts_bin_dir(), name);
+}
+
+char *ts_data(const char *rel)
+{
+    return xasprintf("%s/tests/data/%s", ts_root(), rel);
+}
+
+const char *ts_samples_dir(void)
+{
+    static char buf[4096];
+    struct stat st;
+    const char *e = getenv("RADPIPE_SAMPLES_DIR");
+    if (e && *e && stat(e, &st) == 0 && S_ISDIR(st.st_mode))
+        return e;
+    snprintf(buf, sizeof(buf), "%s/../shared/dicom-samples", ts_root());
+    if (stat(buf, &st) == 0 && S_ISDIR(st.st_mode))
+        return buf;
+    if (stat("/work/shared/dicom-samples", &st) == 0 && S_ISDIR(st.st_mode))
+        return "/work/shared/dicom-samples";
+    return NULL;
+}
+
+char *ts_tmpdir(const char *tag)
+{
+    const char *base = getenv("TMPDIR");
+    char *tmpl = xasprintf("%s/radpipe-%s.XXXXXX", base && *base ? base : "/tmp", tag);
+    if (!mkdtemp(tmpl)) {
+        fprintf(stderr, "mkdtemp %s: %s\n", tmpl, strerror(errno));
+        abort();
+    }
+    chmod(tmpl, 0755);
+    return tmpl;
+}
+
+void ts_rmrf(const char *path)
+{
+    if (!path || !*path || strcmp(path, "/") == 0)
+        return;
+    char *cmd = xasprintf("rm -rf '%s'", path);
+    if (system(cmd) != 0)
+        fprintf(stderr, "could not remove %s\n", path);
+    free(cmd);
+}
+
+int ts_free_port(void)
+{
+    int fd = socket(AF_INET, SOCK_STREAM, 0);
+    struct sockaddr_in a = {.sin_family = AF_INET, .sin_port = 0};
+    socklen_t len = sizeof(a);
+    a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    if (fd < 0 || bind(fd, (struct sockaddr *)&a, sizeof(a)) != 0 ||
+        getsockname(fd, (struct sockaddr *)&a, &len) != 0)
+        abort();
+    close(fd);
+    return ntohs(a.sin_port);
+}
+
+char *ts_pg_fresh_db(const char *tag)
+{
+    const char *url = getenv("RADPIPE_TEST_PG_URL");
+    static int seq;
+    if (!url || !*url)
+        return NULL;
+    PGconn *c = PQconnectdb(url);
+    if (PQstatus(c) != CONNECTION_OK) {
+        fprintf(stderr, "ts_pg_fresh_db: %s", PQerrorMessage(c));
+        PQfinish(c);
+        return NULL;
+    }
+    char name[64];
+    snprintf(name, sizeof(name), "t_%s_%d_%d", tag, (int)getpid(), ++seq);
+    for (char *p = name; *p; p++)
+        if (!((*p >= 'a' && *p <= 'z') || (*p >= '0' && *p <= '9')))
+            *p = '_';
+    char *sql = xasprintf("CREATE DATABASE %s", name);
+    PGresult *r = PQexec(c, sql);
+    free(sql);
+    if (PQresultStatus(r) != PGRES_COMMAND_OK) {
+        fprintf(stderr, "ts_pg_fresh_db: %s", PQerrorMessage(c));
+        PQclear(r);
+        PQfinish(c);
+        return NULL;
+    }
+    PQclear(r);
+    /* Build the new URL from the server's connection parameters. */
+    char *out = xasprintf("postgresql://%s@%s:%s/%s", PQuser(c), PQhost(c), PQport(c), name);
+    PQfinish(c);
+    return out;
+}
+
+char *ts_read_file(const char *path, size_t *len)
+{
+    FILE *f = fopen(path, "rb");
+    if (!f)
+        return NULL;
+    size_t cap = 65536, n = 0;
+    char *buf = malloc(cap + 1);
+    for (;;) {
+        if (n == cap) {
+            cap *= 2;
+            buf = realloc(buf, cap + 1);
+        }
+        size_t r = fread(buf + n, 1, cap - n, f);
+        if (r == 0)
+            break;
+        n += r;
+    }
+    fclose(f);
+    buf[n] = '\0';
+    if (len)
+        *len = n;
+    return buf;
+}
+
+int ts_write_file(const char *path, const void *buf, size_t len)
+{
+    FILE *f = fopen(path, "wb");
+    if (!f)
+        return -1;
+    size_t w = fwrite(buf, 1, len, f);
+    return (fclose(f) == 0 && w == len) ? 0 : -1;
+}
+
+int ts_run(const char *cmd, char **out)
+{
+    FILE *p = popen(cmd, "r");
+    if (!p)
+        return -1;
+    size_t cap = 4096, n = 0;
+    char *buf = malloc(cap + 1);
+    size_t r;
+    while ((r = fread(buf + n, 1, cap - n, p)) > 0) {
+        n += r;
+        if (n == cap) {
+            cap *= 2;
+            buf = realloc(buf, cap + 1);
+        }
+    }
+    buf[n] = '\0';
+    int st = pclose(p);
+    if (out)
+        *out = buf;
+    else
+        free(buf);
+    return WIFEXITED(st) ? WEXITSTATUS(st) : -1;
+}
