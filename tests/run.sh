@@ -11,7 +11,7 @@ build=${1:-build/test}
 root=$(cd "$(dirname "$0")/.." && pwd)
 cd "$root" || exit 1
 export RADPIPE_TEST_ROOT="$root" RADPIPE_TEST_BIN="$root/$build/bin"
-export ASAN_OPTIONS="detect_leaks=1:abort_on_error=0:strict_string_checks=1:detect_stack_use_after_return=0"
+export ASAN_OPTIONS="detect_leaks=1:abort_on_error=0:strict_string_checks=1:detect_stack_use_after_return=0:protect_shadow_gap=0"
 export LSAN_OPTIONS="suppressions=$root/tests/lsan.supp:print_suppressions=0"
 export UBSAN_OPTIONS="print_stacktrace=1:halt_on_error=1"
 limit=${TEST_TIMEOUT:-600}
@@ -34,7 +34,8 @@ trap 'exit 130' INT TERM
 
 port=$(node -e 'const s=require("net").createServer().listen(0,"127.0.0.1",()=>{console.log(s.address().port);s.close()})')
 mkdir -p "$pgdata" "$tmp/sock"
-[ -n "$asuser" ] && chown postgres "$pgdata" "$tmp/sock"
+: >"$tmp/pg.log"
+[ -n "$asuser" ] && chown postgres "$pgdata" "$tmp/sock" "$tmp/pg.log"
 if ! $asuser "$pgbin/initdb" -D "$pgdata" -U radpipe --auth=trust -E UTF8 --locale=C.UTF-8 \
 	>"$tmp/initdb.log" 2>&1; then
 	cat "$tmp/initdb.log"

@@ -9,6 +9,10 @@
 
 #include <stdarg.h>
 
+#ifdef __cplusplus
+extern "C" {
+#endif
+
 typedef enum lc_rc {
     LC_OK = 0,
     LC_ERR_NOMEM,       /* allocation failed */
@@ -54,5 +58,9 @@ lc_rc lc_err_wrap(lc_err *err, const char *fmt, ...) __attribute__((format(print
 /* The message, or lc_strerror(rc) when no message was set; never NULL. */
 const char *lc_err_msg(const lc_err *err);
 void lc_err_clear(lc_err *err);
+
+#ifdef __cplusplus
+}
+#endif
 
 #endif

@@ -1,0 +1,361 @@
+/*
+ * gpu.c: the public gpu_seg.h API: picks the backend at run time (CUDA when built with it and
+ * a device answers, else the CPU reference), checks every argument once for all backends, and
+ * forwards to the backend's vtable. Contexts own their backend; volumes belong to one context.
+ * Thread safety: a context and its volumes are used by one thread at a time.
+ */
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+#include "lc/log.h"
+#include "gpu_internal.h"
+
+static const char *const backend_names[] = {
+    [GPU_BACKEND_AUTO] = "auto",
+    [GPU_BACKEND_CPU] = "cpu",
+    [GPU_BACKEND_CUDA] = "cuda",
+};
+
+const char *gpu_backend_name(gpu_backend b)
+{
+    if ((int)b < 0 || (size_t)b >= sizeof(backend_names) / sizeof(backend_names[0]))
+        return "unknown";
+    return backend_names[b];
+}
+
+lc_rc gpu_backend_parse(const char *s, gpu_backend *out)
+{
+    for (size_t i = 0; s && i < sizeof(backend_names) / sizeof(backend_names[0]); i++) {
+        if (strcmp(s, backend_names[i]) == 0) {
+            *out = (gpu_backend)i;
+            return LC_OK;
+        }
+    }
+    return LC_ERR_INVALID;
+}
+
+#ifdef RADPIPE_HAVE_CUDA
+static lc_rc open_cuda(int device, gpu_ctx *ctx, lc_err *err)
+{
+    return gpu_cuda_open(device, &ctx->ops, &ctx->impl, ctx->desc, sizeof(ctx->desc), err);
+}
+#else
+static lc_rc open_cuda(int device, gpu_ctx *ctx, lc_err *err)
+{
+    (void)device;
+    (void)ctx;
+    return lc_err_set(err, LC_ERR_UNSUPPORTED, "radpipe was built without CUDA");
+}
+#endif
+
+lc_rc gpu_ctx_new(gpu_backend want, int device, int cpu_threads, gpu_ctx **out, lc_err *err)
+{
+    lc_rc rc = LC_OK;
+    gpu_ctx *ctx = NULL;
+
+    if (!out)
+        return lc_err_set(err, LC_ERR_INVALID, "gpu_ctx_new: out is NULL");
+    *out = NULL;
+    if (want != GPU_BACKEND_AUTO && want != GPU_BACKEND_CPU && want != GPU_BACKEND_CUDA)
+        return lc_err_set(err, LC_ERR_INVALID, "unknown gpu backend %d", (int)want);
+    if (device < 0)
+        return lc_err_set(err, LC_ERR_INVALID, "invalid CUDA device index %d", device);
+    if (cpu_threads < 0)
+        return lc_err_set(err, LC_ERR_INVALID, "invalid cpu thread count %d", cpu_threads);
+
+    ctx = calloc(1, sizeof(*ctx));
+    if (!ctx)
+        return lc_err_set(err, LC_ERR_NOMEM, "could not allocate a gpu context");
+
+    if (want != GPU_BACKEND_CPU) {
+        lc_err cuda_err = {0};
+        rc = open_cuda(device, ctx, &cuda_err);
+        if (rc == LC_OK) {
+            ctx->backend = GPU_BACKEND_CUDA;
+            goto out;
+        }
+        /* No driver or no device is an expected state under AUTO; any other failure of a
+         * present device (out of memory, busy) is reported, not hidden by a fallback. */
+        if (want == GPU_BACKEND_CUDA || rc != LC_ERR_UNSUPPORTED) {
+            lc_err_set(err, rc, "%s", lc_err_msg(&cuda_err));
+            goto out;
+        }
+        lc_log_info("CUDA unavailable, using the CPU backend",
+                    LC_LS("reason", lc_err_msg(&cuda_err)));
+    }
+    rc = gpu_ref_open(cpu_threads, &ctx->ops, &ctx->impl, ctx->desc, sizeof(ctx->desc), err);
+    if (rc == LC_OK)
+        ctx->backend = GPU_BACKEND_CPU;
+
+out:
+    if (rc != LC_OK) {
+        free(ctx);
+        return rc;
+    }
+    *out = ctx;
+    return LC_OK;
+}
+
+gpu_backend gpu_ctx_backend(const gpu_ctx *ctx)
+{
+    return ctx ? ctx->backend : GPU_BACKEND_CPU;
+}
+
+const char *gpu_ctx_describe(const gpu_ctx *ctx)
+{
+    return ctx ? ctx->desc : "none";
+}
+
+void gpu_ctx_free(gpu_ctx *ctx)
+{
+    if (!ctx)
+        return;
+    if (ctx->live_vols)
+        lc_log_warn("gpu context freed before its volumes", LC_LI("volumes", ctx->live_vols));
+    ctx->ops->close(ctx->impl);
+    free(ctx);
+}
+
+/* --- volumes ------------------------------------------------------------------------------ */
+
+static size_t dtype_size(gpu_dtype t)
+{
+    switch (t) {
+    case GPU_F32:
+        return sizeof(float);
+    case GPU_U8:
+        return 1;
+    }
+    return 0;
+}
+
+static const char *dtype_name(gpu_dtype t)
+{
+    return t == GPU_F32 ? "f32" : t == GPU_U8 ? "u8" : "unknown";
+}
+
+static lc_rc vol_alloc(gpu_ctx *ctx, gpu_dtype dtype, size_t nx, size_t ny, size_t nz, int zero,
+                       gpu_vol **out, lc_err *err)
+{
+    lc_rc rc;
+    gpu_vol *v = NULL;
+    size_t esize = dtype_size(dtype);
+
+    if (!ctx || !out)
+        return lc_err_set(err, LC_ERR_INVALID, "gpu volume: context or out is NULL");
+    *out = NULL;
+    if (!esize)
+        return lc_err_set(err, LC_ERR_INVALID, "unknown gpu volume type %d", (int)dtype);
+    if (!nx || !ny || !nz)
+        return lc_err_set(err, LC_ERR_INVALID, "invalid volume size %zux%zux%zu: empty", nx, ny,
+                          nz);
+    /* Each factor is checked before it multiplies, so the product never wraps. */
+    if (nx > GPU_MAX_VOXELS || ny > GPU_MAX_VOXELS / nx || nz > GPU_MAX_VOXELS / (nx * ny))
+        return lc_err_set(err, LC_ERR_TOO_LARGE,
+                          "volume size %zux%zux%zu is over the limit of %zu voxels", nx, ny, nz,
+                          GPU_MAX_VOXELS);
+
+    v = calloc(1, sizeof(*v));
+    if (!v)
+        return lc_err_set(err, LC_ERR_NOMEM, "could not allocate a gpu volume");
+    v->ctx = ctx;
+    v->dtype = dtype;
+    v->nx = nx;
+    v->ny = ny;
+    v->nz = nz;
+    v->n = nx * ny * nz;
+    v->nbytes = v->n * esize;
+    rc = ctx->ops->alloc(ctx->impl, v->nbytes, zero, &v->mem, err);
+    if (rc != LC_OK) {
+        free(v);
+        return rc;
+    }
+    ctx->live_vols++;
+    *out = v;
+    return LC_OK;
+}
+
+lc_rc gpu_vol_new(gpu_ctx *ctx, gpu_dtype dtype, size_t nx, size_t ny, size_t nz, gpu_vol **out,
+                  lc_err *err)
+{
+    return vol_alloc(ctx, dtype, nx, ny, nz, 1, out, err);
+}
+
+lc_rc gpu_vol_upload(gpu_ctx *ctx, gpu_dtype dtype, const void *host, size_t nx, size_t ny,
+                     size_t nz, gpu_vol **out, lc_err *err)
+{
+    gpu_vol *v = NULL;
+    lc_rc rc;
+
+    if (out)
+        *out = NULL;
+    if (!host)
+        return lc_err_set(err, LC_ERR_INVALID, "gpu_vol_upload: host buffer is NULL");
+    rc = vol_alloc(ctx, dtype, nx, ny, nz, 0, &v, err);
+    if (rc != LC_OK)
+        return rc;
+    rc = ctx->ops->to_mem(ctx->impl, v->mem, host, v->nbytes, err);
+    if (rc != LC_OK) {
+        gpu_vol_free(v);
+        return rc;
+    }
+    *out = v;
+    return LC_OK;
+}
+
+static lc_rc check_vol(const gpu_ctx *ctx, const gpu_vol *v, gpu_dtype want, const char *what,
+                       lc_err *err)
+{
+    if (!ctx || !v)
+        return lc_err_set(err, LC_ERR_INVALID, "%s: context or volume is NULL", what);
+    if (v->ctx != ctx)
+        return lc_err_set(err, LC_ERR_INVALID, "%s: the volume belongs to another context", what);
+    if (v->dtype != want)
+        return lc_err_set(err, LC_ERR_INVALID, "%s: volume of type %s, expected %s", what,
+                          dtype_name(v->dtype), dtype_name(want));
+    return LC_OK;
+}
+
+lc_rc gpu_vol_download(gpu_ctx *ctx, const gpu_vol *v, void *host, lc_err *err)
+{
+    lc_rc rc = check_vol(ctx, v, v ? v->dtype : GPU_F32, "gpu_vol_download", err);
+    if (rc != LC_OK)
+        return rc;
+    if (!host)
+        return lc_err_set(err, LC_ERR_INVALID, "gpu_vol_download: host buffer is NULL");
+    return ctx->ops->to_host(ctx->impl, host, v->mem, v->nbytes, err);
+}
+
+void gpu_vol_free(gpu_vol *v)
+{
+    if (!v)
+        return;
+    v->ctx->ops->release(v->ctx->impl, v->mem);
+    v->ctx->live_vols--;
+    free(v);
+}
+
+gpu_dtype gpu_vol_dtype(const gpu_vol *v)
+{
+    return v->dtype;
+}
+
+void gpu_vol_dims(const gpu_vol *v, size_t dims[3])
+{
+    dims[0] = v->nx;
+    dims[1] = v->ny;
+    dims[2] = v->nz;
+}
+
+size_t gpu_vol_voxels(const gpu_vol *v)
+{
+    return v->n;
+}
+
+/* --- kernels ------------------------------------------------------------------------------ */
+
+lc_rc gpu_minmax(gpu_ctx *ctx, const gpu_vol *v, float *lo, float *hi, lc_err *err)
+{
+    float l, h;
+    lc_rc rc = check_vol(ctx, v, GPU_F32, "gpu_minmax", err);
+    if (rc != LC_OK)
+        return rc;
+    if (!lo || !hi)
+        return lc_err_set(err, LC_ERR_INVALID, "gpu_minmax: lo or hi is NULL");
+    rc = ctx->ops->minmax(ctx->impl, v->mem, v->n, &l, &h, err);
+    if (rc != LC_OK)
+        return rc;
+    if (l > h)
+        return lc_err_set(err, LC_ERR_INVALID, "volume of %zu voxels holds only NaN", v->n);
+    /* -0 and +0 compare equal, so which one a reduction keeps depends on its order; adding
+     * +0 makes the answer the same on every backend and thread count. */
+    *lo = l + 0.0f;
+    *hi = h + 0.0f;
+    return LC_OK;
+}
+
+/* Checks the histogram range and computes the scale of gpu_bin_of, in float. */
+static lc_rc hist_scale(int nbins, float lo, float hi, float *scale, lc_err *err)
+{
+    if (nbins < 1 || nbins > GPU_MAX_BINS)
+        return lc_err_set(err, LC_ERR_INVALID, "invalid histogram bin count %d: not in 1..%d",
+                          nbins, GPU_MAX_BINS);
+    if (!isfinite(lo) || !isfinite(hi) || !(lo < hi))
+        return lc_err_set(err, LC_ERR_INVALID, "invalid histogram range [%g, %g]", (double)lo,
+                          (double)hi);
+    float width = hi - lo;
+    float s = (float)nbins / width;
+    if (!isfinite(width) || !isfinite(s))
+        return lc_err_set(err, LC_ERR_INVALID,
+                          "histogram range [%g, %g] cannot be split into %d bins in float",
+                          (double)lo, (double)hi, nbins);
+    *scale = s;
+    return LC_OK;
+}
+
+lc_rc gpu_histogram(gpu_ctx *ctx, const gpu_vol *v, int nbins, float lo, float hi, uint64_t *hist,
+                    lc_err *err)
+{
+    float scale;
+    lc_rc rc = check_vol(ctx, v, GPU_F32, "gpu_histogram", err);
+    if (rc != LC_OK)
+        return rc;
+    if (!hist)
+        return lc_err_set(err, LC_ERR_INVALID, "gpu_histogram: hist is NULL");
+    rc = hist_scale(nbins, lo, hi, &scale, err);
+    if (rc != LC_OK)
+        return rc;
+    return ctx->ops->histogram(ctx->impl, v->mem, v->n, nbins, lo, scale, hist, err);
+}
+
+lc_rc gpu_otsu_threshold(gpu_ctx *ctx, const gpu_vol *v, int nbins, float *threshold, lc_err *err)
+{
+    float lo, hi, scale;
+    uint64_t *hist = NULL;
+    lc_rc rc = check_vol(ctx, v, GPU_F32, "gpu_otsu_threshold", err);
+    if (rc != LC_OK)
+        return rc;
+    if (!threshold)
+        return lc_err_set(err, LC_ERR_INVALID, "gpu_otsu_threshold: threshold is NULL");
+    if (nbins < 2 || nbins > GPU_MAX_BINS)
+        return lc_err_set(err, LC_ERR_INVALID, "invalid Otsu bin count %d: not in 2..%d", nbins,
+                          GPU_MAX_BINS);
+    rc = gpu_minmax(ctx, v, &lo, &hi, err);
+    if (rc != LC_OK)
+        return rc;
+    if (!isfinite(lo) || !isfinite(hi))
+        return lc_err_set(err, LC_ERR_INVALID,
+                          "cannot compute Otsu's threshold: the volume holds infinite values");
+    if (lo == hi) { /* one value: scikit-image returns it */
+        *threshold = lo;
+        return LC_OK;
+    }
+    rc = hist_scale(nbins, lo, hi, &scale, err);
+    if (rc != LC_OK)
+        return rc;
+    hist = malloc((size_t)nbins * sizeof(*hist));
+    if (!hist)
+        return lc_err_set(err, LC_ERR_NOMEM, "could not allocate a histogram of %d bins", nbins);
+    rc = ctx->ops->histogram(ctx->impl, v->mem, v->n, nbins, lo, scale, hist, err);
+    if (rc == LC_OK)
+        rc = gpu_otsu_from_hist(hist, nbins, lo, hi, threshold, err);
+    free(hist);
+    return rc;
+}
+
+lc_rc gpu_threshold(gpu_ctx *ctx, const gpu_vol *in, float lo, float hi, gpu_vol *out, lc_err *err)
+{
+    lc_rc rc = check_vol(ctx, in, GPU_F32, "gpu_threshold input", err);
+    if (rc == LC_OK)
+        rc = check_vol(ctx, out, GPU_U8, "gpu_threshold output", err);
+    if (rc != LC_OK)
+        return rc;
+    if (in->nx != out->nx || in->ny != out->ny || in->nz != out->nz)
+        return lc_err_set(err, LC_ERR_INVALID,
+                          "gpu_threshold: output is %zux%zux%zu, input is %zux%zux%zu", out->nx,
+                          out->ny, out->nz, in->nx, in->ny, in->nz);
+    if (isnan(lo) || isnan(hi) || lo > hi)
+        return lc_err_set(err, LC_ERR_INVALID, "invalid threshold range [%g, %g]", (double)lo,
+                          (double)hi);
+    return ctx->ops->threshold(ctx->impl, in->mem, in->n, lo, hi, out->mem, err);
+}
