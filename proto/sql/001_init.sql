@@ -122,7 +122,7 @@ CREATE TABLE outbox (
 -- Consumer idempotency: an event id recorded here was fully processed by that consumer.
 CREATE TABLE processed_events (
     consumer            text NOT NULL,
-    event_id            uuid NOT NULL,
+    event_id            text NOT NULL,
     processed_at        timestamptz NOT NULL DEFAULT now(),
     PRIMARY KEY (consumer, event_id)
 );

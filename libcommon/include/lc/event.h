@@ -21,7 +21,7 @@
 #define LC_EV_DLQ "radpipe.dlq"
 
 typedef struct lc_event {
-    char id[37];
+    char id[129];  /* a UUID for radpipe's events; any string up to 128 bytes from others */
     char *source;  /* e.g. "/radpipe/api-gateway" */
     char *type;    /* LC_EV_* */
     char *subject; /* StudyInstanceUID (also the Kafka key); may be NULL */

@@ -74,7 +74,8 @@ lc_rc lc_job_renew(lc_db *db, const lc_job_worker *w, const char *job_id, lc_err
  * publish job.status. LC_ERR_CONFLICT as for renew. */
 lc_rc lc_job_progress(lc_db *db, const lc_job_worker *w, const lc_job *job, const cJSON *progress,
                       lc_err *err);
-/* Inside a transaction: record an artifact of a running job (name unique per job). */
+/* Record an artifact of a job (name unique per job; a second call replaces it), alone or
+ * inside the caller's transaction. */
 lc_rc lc_job_add_artifact(lc_db *db, const char *job_id, const char *name, const char *store_key,
                           long long size, const char *media_type, lc_err *err);
 /* running -> succeeded (result: borrowed JSON object or NULL); publishes job.status. */

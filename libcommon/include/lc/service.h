@@ -18,6 +18,8 @@
 #include "lc/outbox.h"
 #include "lc/store.h"
 
+#define RADPIPE_VERSION "0.1.0"
+
 typedef struct lc_common_cfg {
     char *log_level;
     char *database_url;
@@ -27,6 +29,7 @@ typedef struct lc_common_cfg {
     char *store_url;
     char *admin_listen;
     long long drain_seconds;
+    char *kafka_options; /* extra librdkafka properties "k=v,k=v" (secret: may hold passwords) */
 } lc_common_cfg;
 
 enum {
@@ -60,6 +63,9 @@ typedef struct lc_service {
     lc_store *store;
     pthread_t sig_thread;
     int sig_thread_started;
+    char **kafka_extra;         /* kconf.extra, parsed from cfg.kafka_options */
+    pthread_mutex_t check_mu;   /* guards check_db */
+    lc_db *check_db;            /* the readiness probe's own connection */
 } lc_service;
 
 /* Handle the common command line: --help prints the summary and every variable with its
