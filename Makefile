@@ -46,7 +46,7 @@ ifneq ($(strip $(NVCC)),)
   GPU_DEFS := -DRADPIPE_HAVE_CUDA=1
   CUDA_LIBS := -L$(CUDA_HOME)/lib64 -lcudart_static -lrt
   NVCCFLAGS := -O3 -std=c++17 $(CUDA_ARCH) -Ilibcommon/include -Igpu $(GPU_DEFS) \
-               -Xcompiler -Wall,-fno-omit-frame-pointer
+               -Xcompiler -Wall,-fno-omit-frame-pointer -MMD -MP
 endif
 
 CFLAGS := -std=gnu11 -D_GNU_SOURCE -pthread $(WARN) $(OPT) $(INCS) $(GPU_DEFS) -MMD -MP
@@ -113,7 +113,7 @@ SERVICE_BINS := $(SERVICES:%=$(BUILD)/bin/%)
 # --- dev tools: the stack runner, the Kafka-protocol dev broker, radpipe-notify ----------
 TOOLS := radpipe-stack radpipe-devbroker
 define tool_rule
-$(BUILD)/bin/$(1): $$(call obj,deploy/dev/$(1).c) $(LIBCOMMON)
+$(BUILD)/bin/$(1): $$(call obj,deploy/dev/$(1).c) $(LIBGPU) $(LIBCOMMON)
 	@mkdir -p $$(@D)
 	$(CXX) $(LDFLAGS) -o $$@ $$< $(LINK_LIBS)
 endef
@@ -124,6 +124,7 @@ TOOL_BINS := $(TOOLS:%=$(BUILD)/bin/%)
 # A test under tests/unit/services/<svc>/ also links that service's objects but main.o.
 TEST_SRC := $(shell find tests/unit tests/integration -name 'test_*.c' 2>/dev/null | sort)
 SUPPORT_OBJ := $(call obj,$(wildcard tests/support/*.c))
+$(BUILD)/obj/tests/%.o: CFLAGS += -Itests/support
 TEST_BINS := $(patsubst tests/%.c,$(BUILD)/tests/%,$(TEST_SRC))
 svc_of = $(word 4,$(subst /, ,$(1)))
 
