@@ -106,6 +106,8 @@ SVC_LIBOBJ_$(1) := $$(filter-out %/main.o,$$(SVC_OBJ_$(1)))
 $(BUILD)/bin/$(1): $$(SVC_OBJ_$(1)) $(LIBGPU) $(LIBCOMMON)
 	@mkdir -p $$(@D)
 	$(CXX) $(LDFLAGS) -o $$@ $$(SVC_OBJ_$(1)) $(LINK_LIBS)
+# the service's tests include its private headers
+$(BUILD)/obj/tests/unit/services/$(1)/%.o: CFLAGS += -Iservices/$(1)
 endef
 $(foreach s,$(SERVICES),$(eval $(call service_rule,$(s))))
 SERVICE_BINS := $(SERVICES:%=$(BUILD)/bin/%)
@@ -126,14 +128,20 @@ TEST_SRC := $(shell find tests/unit tests/integration -name 'test_*.c' 2>/dev/nu
 SUPPORT_OBJ := $(call obj,$(wildcard tests/support/*.c))
 $(BUILD)/obj/tests/%.o: CFLAGS += -Itests/support
 TEST_BINS := $(patsubst tests/%.c,$(BUILD)/tests/%,$(TEST_SRC))
-svc_of = $(word 4,$(subst /, ,$(1)))
 
-$(BUILD)/tests/%: $(BUILD)/obj/tests/%.o $(SUPPORT_OBJ) $(LIBGPU) $(LIBCOMMON) \
-		$(foreach s,$(SERVICES),$(SVC_LIBOBJ_$(s)))
+# Generic tests link libgpu/libcommon; a service's tests also link its objects (rule in
+# service_tests, so a broken service blocks only its own tests).
+$(BUILD)/tests/%: $(BUILD)/obj/tests/%.o $(SUPPORT_OBJ) $(LIBGPU) $(LIBCOMMON)
 	@mkdir -p $(@D)
-	$(CXX) $(LDFLAGS) -o $@ $< $(SUPPORT_OBJ) \
-		$(if $(filter tests/unit/services/%,tests/$*),$(SVC_LIBOBJ_$(call svc_of,tests/$*))) \
-		$(LINK_LIBS) -lcmocka
+	$(CXX) $(LDFLAGS) -o $@ $< $(SUPPORT_OBJ) $(LINK_LIBS) -lcmocka
+
+define service_tests
+$(BUILD)/tests/unit/services/$(1)/%: $(BUILD)/obj/tests/unit/services/$(1)/%.o $(SUPPORT_OBJ) \
+		$$(SVC_LIBOBJ_$(1)) $(LIBGPU) $(LIBCOMMON)
+	@mkdir -p $$(@D)
+	$(CXX) $(LDFLAGS) -o $$@ $$< $(SUPPORT_OBJ) $$(SVC_LIBOBJ_$(1)) $(LINK_LIBS) -lcmocka
+endef
+$(foreach s,$(SERVICES),$(eval $(call service_tests,$(s))))
 
 # --- fuzz targets (clang, libFuzzer) -----------------------------------------------------
 FUZZ_SRC := $(wildcard tests/fuzz/fuzz_*.c)

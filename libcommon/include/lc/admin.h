@@ -28,7 +28,8 @@ lc_rc lc_admin_add_check(lc_admin *a, const char *name, lc_admin_check_fn fn, vo
 void lc_admin_set_draining(lc_admin *a);
 /* The port actually bound (useful with port 0), or -1. */
 int lc_admin_port(const lc_admin *a);
-/* Stops the listener if lc_admin_start created it. Accepts NULL. */
+/* Stops the listener if lc_admin_start created it. After lc_admin_attach, call it only once
+ * the server has been stopped (mg_stop): the handlers point at the lc_admin. Accepts NULL. */
 void lc_admin_free(lc_admin *a);
 
 #endif

@@ -18,8 +18,10 @@ lc_metrics *lc_metrics_new(void);
 void lc_metrics_free(lc_metrics *m);
 
 /* labels: Prometheus label pairs without braces, e.g. "route=\"/api/v1/studies\",code=\"200\""
- * or NULL. The same (name, labels) returns the same handle. Returns NULL only when name is
- * registered with another type or memory runs out; update functions accept NULL. */
+ * or NULL; values use the format's escapes (see lc_metrics_escape_label). The same (name,
+ * labels) returns the same handle. Returns NULL only when name is registered with another
+ * type, name or labels are malformed (a histogram may not use "le"), or memory runs out;
+ * update functions accept NULL. */
 lc_counter *lc_metrics_counter(lc_metrics *m, const char *name, const char *help,
                                const char *labels);
 lc_gauge *lc_metrics_gauge(lc_metrics *m, const char *name, const char *help, const char *labels);
@@ -41,5 +43,10 @@ double lc_metric_value(const struct lc_metric *m); /* counter/gauge value, histo
 
 /* Render every metric (caller frees). NULL on allocation failure. */
 char *lc_metrics_render(lc_metrics *m);
+
+/* Escape a label value for use between the quotes of labels (backslash, double quote and
+ * newline), truncating to fit cap bytes; always NUL-terminated when cap > 0. Returns the
+ * length written. */
+size_t lc_metrics_escape_label(char *dst, size_t cap, const char *value);
 
 #endif
