@@ -12,6 +12,7 @@
 #include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/wait.h>
+#include <dirent.h>
 #include <unistd.h>
 #include <arpa/inet.h>
 #include <libpq-fe.h>
@@ -195,4 +196,89 @@ int ts_run(const char *cmd, char **out)
     else
         free(buf);
     return WIFEXITED(st) ? WEXITSTATUS(st) : -1;
+}
+
+char *ts_test_series(void)
+{
+    struct stat st;
+    char *d = ts_data("series/mr-4slice/jpeg-lossless-sv1");
+    if (stat(d, &st) == 0)
+        return d;
+    free(d);
+    const char *s = ts_samples_dir();
+    if (!s) {
+        fprintf(stderr, "no test series: tests/data/series/mr-4slice is missing\n");
+        abort();
+    }
+    return xasprintf("%s/series/mr-4slice-compressed/jpeg-lossless-sv1", s);
+}
+
+static int cmp_str(const void *a, const void *b)
+{
+    return strcmp(*(char *const *)a, *(char *const *)b);
+}
+
+char **ts_list_files(const char *dir)
+{
+    DIR *d = opendir(dir);
+    size_t n = 0, cap = 16;
+    char **v = calloc(cap + 1, sizeof(char *));
+    struct dirent *de;
+    while (d && (de = readdir(d))) {
+        if (de->d_type != DT_REG)
+            continue;
+        if (n == cap) {
+            cap *= 2;
+            v = realloc(v, (cap + 1) * sizeof(char *));
+        }
+        v[n++] = xasprintf("%s/%s", dir, de->d_name);
+    }
+    if (d)
+        closedir(d);
+    v[n] = NULL;
+    qsort(v, n, sizeof(char *), cmp_str);
+    return v;
+}
+
+void ts_strv_free(char **v)
+{
+    for (char **p = v; p && *p; p++)
+        free(*p);
+    free(v);
+}
+
+char *ts_procs_mentioning(const char *needle)
+{
+    DIR *d = opendir("/proc");
+    char *out = calloc(1, 1);
+    size_t len = 0;
+    struct dirent *de;
+    while (d && (de = readdir(d))) {
+        char path[300], cwd[4096], *cmd;
+        size_t n = 0;
+        int pid = atoi(de->d_name);
+        if (pid <= 0 || pid == (int)getpid())
+            continue;
+        snprintf(path, sizeof(path), "/proc/%d/cmdline", pid);
+        cmd = ts_read_file(path, &n);
+        if (!cmd)
+            continue;
+        for (size_t i = 0; i + 1 < n; i++)
+            if (cmd[i] == '\0')
+                cmd[i] = ' ';
+        snprintf(path, sizeof(path), "/proc/%d/cwd", pid);
+        ssize_t k = readlink(path, cwd, sizeof(cwd) - 1);
+        cwd[k > 0 ? k : 0] = '\0';
+        if (n && (strstr(cmd, needle) || strstr(cwd, needle))) {
+            char *line = xasprintf("%d: %s (cwd %s)\n", pid, cmd, cwd);
+            out = realloc(out, len + strlen(line) + 1);
+            memcpy(out + len, line, strlen(line) + 1);
+            len += strlen(line);
+            free(line);
+        }
+        free(cmd);
+    }
+    if (d)
+        closedir(d);
+    return out;
 }

@@ -21,6 +21,13 @@ char *ts_data(const char *rel);
  * /work/shared/dicom-samples; NULL when none exists. Borrowed. */
 const char *ts_samples_dir(void);
 
+/* The bundled 4-slice MR series (tests/data/series/mr-4slice/jpeg-lossless-sv1), or its
+ * original in the shared corpus; aborts the test when neither exists. */
+char *ts_test_series(void);
+/* The regular files of dir sorted by name (NULL-terminated; free with ts_strv_free). */
+char **ts_list_files(const char *dir);
+void ts_strv_free(char **v);
+
 /* A new directory under $TMPDIR (or /tmp) with mode 0755 (PostgreSQL, run as another user
  * in the stack, must be able to traverse it). */
 char *ts_tmpdir(const char *tag);
@@ -32,6 +39,10 @@ int ts_free_port(void);
 /* The URL of a new, empty database on the test server, named after tag and the pid; NULL
  * when RADPIPE_TEST_PG_URL is not set (the caller then fails or skips explicitly). */
 char *ts_pg_fresh_db(const char *tag);
+
+/* The command lines (one per line) of live processes, other than this one, whose command
+ * line or working directory mentions needle; "" when none. Caller frees. */
+char *ts_procs_mentioning(const char *needle);
 
 /* Read a whole file; NULL when it cannot be read. *len may be NULL. */
 char *ts_read_file(const char *path, size_t *len);
