@@ -13,6 +13,8 @@
 #include <sys/stat.h>
 #include <sys/wait.h>
 #include <dirent.h>
+#include <stdint.h>
+#include <sys/random.h>
 #include <unistd.h>
 #include <arpa/inet.h>
 #include <libpq-fe.h>
@@ -95,17 +97,25 @@ void ts_rmrf(const char *path)
     free(cmd);
 }
 
+/* Ports come from 20000-32767, below Linux's ephemeral range (32768-60999), so an outgoing
+ * connection of some client cannot take the port between this check and its use. */
 int ts_free_port(void)
 {
-    int fd = socket(AF_INET, SOCK_STREAM, 0);
-    struct sockaddr_in a = {.sin_family = AF_INET, .sin_port = 0};
-    socklen_t len = sizeof(a);
-    a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-    if (fd < 0 || bind(fd, (struct sockaddr *)&a, sizeof(a)) != 0 ||
-        getsockname(fd, (struct sockaddr *)&a, &len) != 0)
-        abort();
-    close(fd);
-    return ntohs(a.sin_port);
+    for (int tries = 0; tries < 1000; tries++) {
+        unsigned int r = 0;
+        if (getrandom(&r, sizeof(r), 0) != sizeof(r))
+            r = (unsigned int)getpid() * 7919u + (unsigned int)tries * 104729u;
+        int port = 20000 + (int)(r % 12768);
+        int fd = socket(AF_INET, SOCK_STREAM, 0);
+        struct sockaddr_in a = {.sin_family = AF_INET, .sin_port = htons((uint16_t)port)};
+        a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+        int ok = fd >= 0 && bind(fd, (struct sockaddr *)&a, sizeof(a)) == 0;
+        if (fd >= 0)
+            close(fd);
+        if (ok)
+            return port;
+    }
+    abort();
 }
 
 char *ts_pg_fresh_db(const char *tag)
@@ -281,4 +291,24 @@ char *ts_procs_mentioning(const char *needle)
     if (d)
         closedir(d);
     return out;
+}
+
+int ts_make_series(const char *src, int n, const char *dir, const char *study_uid,
+                   const char *series_uid)
+{
+    for (int i = 0; i < n; i++) {
+        char *cmd = xasprintf("cp '%s' '%s/slice-%04d.dcm' && dcmodify -nb -q "
+                              "-m '(0020,000D)=%s' -m '(0020,000E)=%s' "
+                              "-m '(0008,0018)=%s.%d' "
+                              "-m '(0020,0013)=%d' -m '(0020,0032)=0\\0\\%d' "
+                              "-m '(0020,0037)=1\\0\\0\\0\\1\\0' "
+                              "'%s/slice-%04d.dcm'",
+                              src, dir, i, study_uid, series_uid, series_uid, i + 1, i + 1, i, dir,
+                              i);
+        int rc = ts_run(cmd, NULL);
+        free(cmd);
+        if (rc != 0)
+            return -1;
+    }
+    return 0;
 }

@@ -28,6 +28,12 @@ char *ts_test_series(void);
 char **ts_list_files(const char *dir);
 void ts_strv_free(char **v);
 
+/* Write n copies of the DICOM file src into dir as slice-NNNN.dcm, each with its own SOP
+ * Instance UID, InstanceNumber and ImagePositionPatient (axial, 1 mm apart along z), all in
+ * the given study and series (DCMTK's dcmodify). Returns 0 on success. */
+int ts_make_series(const char *src, int n, const char *dir, const char *study_uid,
+                   const char *series_uid);
+
 /* A new directory under $TMPDIR (or /tmp) with mode 0755 (PostgreSQL, run as another user
  * in the stack, must be able to traverse it). */
 char *ts_tmpdir(const char *tag);

@@ -102,8 +102,6 @@ static int free_base(void)
 {
     for (int tries = 0; tries < 50; tries++) {
         int base = ts_free_port();
-        if (base > 65000)
-            continue;
         if (port_free(base + 1) && port_free(base + 2) && port_free(base + 3))
             return base;
     }
@@ -225,7 +223,10 @@ void ts_stack_free(ts_stack *st)
 {
     if (st->pid > 0)
         ts_stack_stop(st, SIGTERM, 60000);
-    ts_rmrf(st->var);
+    if (getenv("RADPIPE_TEST_KEEP_VAR")) /* for debugging: keep logs and data */
+        fprintf(stderr, "kept %s\n", st->var);
+    else
+        ts_rmrf(st->var);
     free(st->var);
     free(st->log);
     free(st->database_url);
@@ -253,7 +254,7 @@ char **ts_service_env(const ts_stack *st, int admin_port, const char *const extr
     ADD("RADPIPE_SPOOL_DIR=%s/spool", st->var);
     ADD("RADPIPE_ADMIN_TOKEN_FILE=%s/admin-token", st->var);
     ADD("RADPIPE_HTTP_LISTEN=127.0.0.1:%d", st->http_port);
-    if (admin_port)
+    if (admin_port >= 0) /* 0: any free port */
         ADD("RADPIPE_ADMIN_LISTEN=127.0.0.1:%d", admin_port);
 #undef ADD
     for (const char *const *e = extra; e && *e && n < 63; e++)

@@ -1,0 +1,1362 @@
+/*
+ * test_gw.c: the api-gateway's HTTP server started in-process (gw_start with a hand-made
+ * context, no Kafka: outbox rows are checked in the database) on a free port, against a fresh
+ * migrated database on the real PostgreSQL of tests/run.sh and a file:// store in a temporary
+ * directory, driven over HTTP with libcurl: uploads of real DICOM files, auth and scopes,
+ * limits, queries, routing errors, CORS, metrics, the bootstrap token, and the OpenAPI file.
+ */
+#include <dirent.h>
+#include <pthread.h>
+#include <stdarg.h>
+#include <setjmp.h>
+#include <stddef.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <strings.h>
+#include <cmocka.h>
+#include <curl/curl.h>
+#include <cjson/cJSON.h>
+#include "gw.h"
+#include "lc/db.h"
+#include "lc/dicom.h"
+#include "lc/event.h"
+#include "lc/log.h"
+#include "lc/store.h"
+#include "lc/util.h"
+#include "ts.h"
+
+#define MAX_BODY    (256 * 1024)
+#define TOK_READ    "rpt_test_read_0123456789"
+#define TOK_WRITE   "rpt_test_write_0123456789"
+#define TOK_REVOKED "rpt_test_revoked_0123456789"
+#define TOK_EXPIRED "rpt_test_expired_0123456789"
+#define TOK_BOOT    "rpt_bootstrap_from_file_0123456789"
+#define STUDY_A     "1.2.826.0.1.3680043.10.1.1"
+#define STUDY_B     "1.2.826.0.1.3680043.10.1.2"
+#define STUDY_C     "1.2.826.0.1.3680043.10.1.3"
+#define JOB_ID      "5b0f3c1e-8d2a-4c55-9a51-0c7f1e2d3a4b"
+
+typedef struct fixture {
+    char *db_url;
+    char *tmp;
+    char spool[1024], objects_url[1100], token_file[1024];
+    lc_db *db; /* the test's own connection, for setup and checks */
+    lc_store *store;
+    lc_metrics *metrics;
+    gw_config cfg;
+    gw_deps deps;
+    gw g;
+    char base[64], listen[64];
+} fixture;
+
+typedef struct resp {
+    long status;
+    char *body;
+    size_t len;
+    char *headers;
+    size_t hlen;
+    CURLcode cc;
+} resp;
+
+/* --- small helpers ---------------------------------------------------------------------- */
+
+static void exec_ok(lc_db *db, const char *sql, int n, const char *const *p)
+{
+    lc_err err = {0};
+    if (lc_db_exec(db, sql, n, p, NULL, &err) != LC_OK)
+        fail_msg("%s: %s", sql, lc_err_msg(&err));
+}
+
+static long long query_ll(lc_db *db, const char *sql, int n, const char *const *p)
+{
+    PGresult *r = NULL;
+    lc_err err = {0};
+    if (lc_db_exec(db, sql, n, p, &r, &err) != LC_OK)
+        fail_msg("%s: %s", sql, lc_err_msg(&err));
+    assert_int_equal(PQntuples(r), 1);
+    long long v = atoll(PQgetvalue(r, 0, 0));
+    PQclear(r);
+    return v;
+}
+
+static void add_token(lc_db *db, const char *name, const char *token, const char *scopes,
+                      const char *expires, const char *revoked)
+{
+    char hash[65], id[37];
+    gw_token_hash(token, hash);
+    lc_uuid_v4(id);
+    const char *p[6] = {id, name, hash, scopes, expires, revoked};
+    exec_ok(db,
+            "INSERT INTO api_tokens (id, name, token_sha256, scopes, expires_at, revoked_at)"
+            " VALUES ($1::uuid, $2, decode($3, 'hex'), $4::text[], $5::timestamptz,"
+            "         $6::timestamptz)",
+            6, p);
+}
+
+static size_t on_body(char *ptr, size_t size, size_t n, void *ud)
+{
+    resp *r = ud;
+    size_t len = size * n;
+    char *b = realloc(r->body, r->len + len + 1);
+    if (!b)
+        return 0;
+    memcpy(b + r->len, ptr, len);
+    r->len += len;
+    b[r->len] = '\0';
+    r->body = b;
+    return len;
+}
+
+static size_t on_header(char *ptr, size_t size, size_t n, void *ud)
+{
+    resp *r = ud;
+    size_t len = size * n;
+    char *b = realloc(r->headers, r->hlen + len + 1);
+    if (!b)
+        return 0;
+    memcpy(b + r->hlen, ptr, len);
+    r->hlen += len;
+    b[r->hlen] = '\0';
+    r->headers = b;
+    return len;
+}
+
+/* A streamed request body: `total` bytes of 'x' handed out by the read callback. */
+typedef struct stream {
+    long long total;
+    _Atomic long long sent; /* read by the test while an upload thread sends */
+    const char *data;       /* bytes to send (NULL: 'x' bytes) */
+    size_t chunk;           /* at most this much per callback (0: as much as curl asks) */
+    int delay_ms;           /* pause before each callback: a slow client */
+} stream;
+
+static size_t on_read(char *buf, size_t size, size_t n, void *ud)
+{
+    stream *s = ud;
+    long long left = s->total - s->sent;
+    size_t len = size * n;
+    if (left <= 0)
+        return 0;
+    if ((long long)len > left)
+        len = (size_t)left;
+    if (s->chunk && len > s->chunk)
+        len = s->chunk;
+    if (s->delay_ms)
+        lc_sleep_ms(s->delay_ms, NULL);
+    if (s->data)
+        memcpy(buf, s->data + s->sent, len);
+    else
+        memset(buf, 'x', len);
+    s->sent += (long long)len;
+    return len;
+}
+
+typedef struct req {
+    const char *method;
+    const char *path;
+    const char *token;
+    const char *ctype;
+    const void *body;
+    size_t len;
+    const char *hdr1, *hdr2; /* extra header lines, may be NULL */
+    stream *stream;          /* instead of body */
+    long long announce;      /* Content-Length announced with a stream (-1: chunked) */
+} req;
+
+static resp http(fixture *f, const req *q)
+{
+    resp r = {0};
+    char url[2048], auth[600], ct[300];
+    struct curl_slist *h = NULL;
+    CURL *c = curl_easy_init();
+    assert_non_null(c);
+    snprintf(url, sizeof(url), "%s%s", f->base, q->path);
+    curl_easy_setopt(c, CURLOPT_URL, url);
+    curl_easy_setopt(c, CURLOPT_CUSTOMREQUEST, q->method);
+    curl_easy_setopt(c, CURLOPT_WRITEFUNCTION, on_body);
+    curl_easy_setopt(c, CURLOPT_WRITEDATA, &r);
+    curl_easy_setopt(c, CURLOPT_HEADERFUNCTION, on_header);
+    curl_easy_setopt(c, CURLOPT_HEADERDATA, &r);
+    curl_easy_setopt(c, CURLOPT_TIMEOUT, 30L);
+    curl_easy_setopt(c, CURLOPT_NOSIGNAL, 1L);
+    if (q->token) {
+        snprintf(auth, sizeof(auth), "Authorization: Bearer %s", q->token);
+        h = curl_slist_append(h, auth);
+    }
+    if (q->ctype) {
+        snprintf(ct, sizeof(ct), "Content-Type: %s", q->ctype);
+        h = curl_slist_append(h, ct);
+    }
+    if (q->hdr1)
+        h = curl_slist_append(h, q->hdr1);
+    if (q->hdr2)
+        h = curl_slist_append(h, q->hdr2);
+    if (q->stream) {
+        curl_easy_setopt(c, CURLOPT_UPLOAD, 0L);
+        curl_easy_setopt(c, CURLOPT_POST, 1L);
+        curl_easy_setopt(c, CURLOPT_READFUNCTION, on_read);
+        curl_easy_setopt(c, CURLOPT_READDATA, q->stream);
+        if (q->announce >= 0)
+            curl_easy_setopt(c, CURLOPT_POSTFIELDSIZE_LARGE, (curl_off_t)q->announce);
+        else
+            h = curl_slist_append(h, "Transfer-Encoding: chunked");
+        h = curl_slist_append(h, "Expect: 100-continue");
+        /* a server that never says "100 Continue" makes each such upload this slow */
+        curl_easy_setopt(c, CURLOPT_EXPECT_100_TIMEOUT_MS, 5000L);
+        curl_easy_setopt(c, CURLOPT_CUSTOMREQUEST, q->method);
+    } else if (q->body) {
+        curl_easy_setopt(c, CURLOPT_POSTFIELDS, q->body);
+        curl_easy_setopt(c, CURLOPT_POSTFIELDSIZE_LARGE, (curl_off_t)q->len);
+        h = curl_slist_append(h, "Expect:");
+    }
+    curl_easy_setopt(c, CURLOPT_HTTPHEADER, h);
+    r.cc = curl_easy_perform(c);
+    curl_easy_getinfo(c, CURLINFO_RESPONSE_CODE, &r.status);
+    curl_slist_free_all(h);
+    curl_easy_cleanup(c);
+    if (!r.body)
+        r.body = calloc(1, 1);
+    if (!r.headers)
+        r.headers = calloc(1, 1);
+    return r;
+}
+
+static resp get(fixture *f, const char *path, const char *token)
+{
+    return http(f, &(req){.method = "GET", .path = path, .token = token});
+}
+
+static void resp_free(resp *r)
+{
+    free(r->body);
+    free(r->headers);
+}
+
+/* The value of response header name (case-insensitive), copied into buf; NULL when absent. */
+static const char *header(const resp *r, const char *name, char *buf, size_t cap)
+{
+    size_t n = strlen(name);
+    for (const char *p = r->headers; p && *p;) {
+        const char *eol = strstr(p, "\r\n");
+        size_t len = eol ? (size_t)(eol - p) : strlen(p);
+        if (len > n && strncasecmp(p, name, n) == 0 && p[n] == ':') {
+            const char *v = p + n + 1;
+            while (*v == ' ')
+                v++;
+            size_t vl = (size_t)(p + len - v);
+            if (vl >= cap)
+                vl = cap - 1;
+            memcpy(buf, v, vl);
+            buf[vl] = '\0';
+            return buf;
+        }
+        p += len + (eol ? 2 : 0);
+    }
+    return NULL;
+}
+
+/* The body as JSON (caller frees); fails the test when it is not JSON. */
+static cJSON *json_of(const resp *r)
+{
+    cJSON *j = cJSON_Parse(r->body);
+    if (!j)
+        fail_msg("response %ld is not JSON: %s", r->status, r->body);
+    return j;
+}
+
+/* Checks an RFC 9457 problem response and returns its detail (caller frees). */
+static char *expect_problem(const resp *r, long status)
+{
+    char ct[128];
+    if (r->status != status)
+        fail_msg("expected %ld, got %ld: %s", status, r->status, r->body);
+    assert_non_null(header(r, "Content-Type", ct, sizeof(ct)));
+    assert_string_equal(ct, "application/problem+json");
+    cJSON *j = json_of(r);
+    assert_string_equal(cJSON_GetStringValue(cJSON_GetObjectItem(j, "type")), "about:blank");
+    assert_string_equal(cJSON_GetStringValue(cJSON_GetObjectItem(j, "title")),
+                        gw_status_text((int)status));
+    assert_int_equal(cJSON_GetNumberValue(cJSON_GetObjectItem(j, "status")), status);
+    const char *d = cJSON_GetStringValue(cJSON_GetObjectItem(j, "detail"));
+    assert_non_null(d);
+    char *out = strdup(d);
+    cJSON_Delete(j);
+    return out;
+}
+
+static void expect_status(resp *r, long status)
+{
+    if (r->status != status)
+        fail_msg("expected %ld, got %ld (curl: %s): %s", status, r->status,
+                 curl_easy_strerror(r->cc), r->body);
+}
+
+static int count_files(const char *dir)
+{
+    DIR *d = opendir(dir);
+    int n = 0;
+    if (!d)
+        return -1;
+    for (struct dirent *e; (e = readdir(d)) != NULL;)
+        n += e->d_name[0] != '.';
+    closedir(d);
+    return n;
+}
+
+static int count_objects_cb(void *ctx, const char *key, const lc_store_stat *st)
+{
+    (void)key;
+    (void)st;
+    (*(int *)ctx)++;
+    return 0;
+}
+
+static int count_objects(fixture *f)
+{
+    int n = 0;
+    lc_err err = {0};
+    if (lc_store_list(f->store, "", count_objects_cb, &n, &err) != LC_OK)
+        fail_msg("list: %s", lc_err_msg(&err));
+    return n;
+}
+
+/* A real DICOM file: the fixture another helper adds under tests/data, else the corpus. */
+static char *dicom_path(void)
+{
+    char *p = ts_data("series/mr-4slice/jpeg-lossless-sv1/IM-0001-0001-0001.dcm");
+    FILE *fp = fopen(p, "rb");
+    if (fp) {
+        fclose(fp);
+        return p;
+    }
+    free(p);
+    const char *s = ts_samples_dir();
+    if (!s)
+        fail_msg("no DICOM samples: set RADPIPE_SAMPLES_DIR");
+    char buf[2048];
+    snprintf(buf, sizeof(buf),
+             "%s/series/mr-4slice-compressed/jpeg-lossless-sv1/"
+             "IM-0001-0001-0001.dcm",
+             s);
+    return strdup(buf);
+}
+
+/* --- the shared gateway ----------------------------------------------------------------- */
+
+static lc_rc start_gw(fixture *f, gw *g, const char *token_file, lc_err *err)
+{
+    snprintf(f->base, sizeof(f->base), "http://127.0.0.1:%d", ts_free_port());
+    snprintf(f->listen, sizeof(f->listen), "127.0.0.1:%s", strrchr(f->base, ':') + 1);
+    f->cfg = (gw_config){.http_listen = f->listen,
+                         .http_threads = 4,
+                         .max_body_bytes = MAX_BODY,
+                         .request_timeout_ms = 10000,
+                         .spool_dir = f->spool,
+                         .admin_token_file = (char *)token_file,
+                         .db_pool_size = 3,
+                         .cors_origins = "https://ui.example, https://other.example/"};
+    f->deps = (gw_deps){.database_url = f->db_url,
+                        .topic_prefix = "radpipe.",
+                        .source = "/radpipe/api-gateway",
+                        .store = f->store,
+                        .metrics = f->metrics};
+    return gw_start(g, &f->cfg, &f->deps, err);
+}
+
+static int setup(void **state)
+{
+    fixture *f = calloc(1, sizeof(*f));
+    lc_err err = {0};
+    lc_log_init("test_gw", LC_LOG_WARN);
+    curl_global_init(CURL_GLOBAL_DEFAULT);
+    if (!(f->db_url = ts_pg_fresh_db("gw")))
+        fail_msg("RADPIPE_TEST_PG_URL is not set or the server refused: run through tests/run.sh");
+    f->tmp = ts_tmpdir("gw");
+    snprintf(f->spool, sizeof(f->spool), "%s/spool", f->tmp);
+    snprintf(f->objects_url, sizeof(f->objects_url), "file://%s/objects", f->tmp);
+    snprintf(f->token_file, sizeof(f->token_file), "%s/admin-token", f->tmp);
+    assert_int_equal(ts_write_file(f->token_file, TOK_BOOT "\n", strlen(TOK_BOOT) + 1), 0);
+    if (lc_db_connect(f->db_url, 5000, NULL, &f->db, &err) != LC_OK ||
+        lc_db_migrate(f->db, &err) != LC_OK || lc_store_open(f->objects_url, &f->store, &err))
+        fail_msg("setup: %s", lc_err_msg(&err));
+    assert_non_null(f->metrics = lc_metrics_new());
+    add_token(f->db, "reader", TOK_READ, "{read}", NULL, NULL);
+    add_token(f->db, "writer", TOK_WRITE, "{write}", NULL, NULL);
+    add_token(f->db, "revoked", TOK_REVOKED, "{admin}", NULL, "2020-01-01T00:00:00Z");
+    add_token(f->db, "expired", TOK_EXPIRED, "{admin}", "2020-01-01T00:00:00Z", NULL);
+    if (start_gw(f, &f->g, f->token_file, &err) != LC_OK)
+        fail_msg("gw_start: %s", lc_err_msg(&err));
+    *state = f;
+    return 0;
+}
+
+static int teardown(void **state)
+{
+    fixture *f = *state;
+    gw_stop(&f->g);
+    lc_store_free(f->store);
+    lc_metrics_free(f->metrics);
+    lc_db_free(f->db);
+    ts_rmrf(f->tmp);
+    free(f->tmp);
+    free(f->db_url);
+    free(f);
+    curl_global_cleanup();
+    return 0;
+}
+
+/* --- uploads ---------------------------------------------------------------------------- */
+
+static void test_post_dicom(void **state)
+{
+    fixture *f = *state;
+    size_t len = 0;
+    char *path = dicom_path();
+    char *bytes = ts_read_file(path, &len);
+    char sha[65], key[512], url[1400];
+    lc_dicom_header *h = NULL;
+    lc_err err = {0};
+    assert_non_null(bytes);
+    if (lc_dicom_read_header(path, &h, &err) != LC_OK)
+        fail_msg("%s: %s", path, lc_err_msg(&err));
+    lc_sha256_hex(bytes, len, sha);
+    long long outbox0 = query_ll(f->db, "SELECT count(*) FROM outbox", 0, NULL);
+
+    resp r = http(f, &(req){.method = "POST",
+                            .path = "/api/v1/instances",
+                            .token = TOK_WRITE,
+                            .ctype = "application/dicom",
+                            .body = bytes,
+                            .len = len});
+    expect_status(&r, 202);
+    cJSON *j = json_of(&r);
+    assert_string_equal(cJSON_GetStringValue(cJSON_GetObjectItem(j, "study_instance_uid")),
+                        h->study_instance_uid);
+    assert_string_equal(cJSON_GetStringValue(cJSON_GetObjectItem(j, "series_instance_uid")),
+                        h->series_instance_uid);
+    assert_string_equal(cJSON_GetStringValue(cJSON_GetObjectItem(j, "sop_instance_uid")),
+                        h->sop_instance_uid);
+    assert_int_equal((long long)cJSON_GetNumberValue(cJSON_GetObjectItem(j, "size")), len);
+    assert_string_equal(cJSON_GetStringValue(cJSON_GetObjectItem(j, "sha256")), sha);
+    cJSON_Delete(j);
+    resp_free(&r);
+
+    /* the object, byte for byte */
+    snprintf(key, sizeof(key), "instances/%s/%s/%s.dcm", h->study_instance_uid,
+             h->series_instance_uid, h->sop_instance_uid);
+    void *stored = NULL;
+    size_t slen = 0;
+    if (lc_store_get_buf(f->store, key, 10 << 20, &stored, &slen, &err) != LC_OK)
+        fail_msg("get %s: %s", key, lc_err_msg(&err));
+    assert_int_equal(slen, len);
+    assert_memory_equal(stored, bytes, len);
+    free(stored);
+    assert_int_equal(count_files(f->spool), 0);
+
+    /* one outbox row holding a valid radpipe.instance.stored event keyed by the study */
+    assert_int_equal(query_ll(f->db, "SELECT count(*) FROM outbox", 0, NULL), outbox0 + 1);
+    PGresult *res = NULL;
+    if (lc_db_exec(f->db, "SELECT topic, key, payload FROM outbox ORDER BY id DESC LIMIT 1", 0,
+                   NULL, &res, &err) != LC_OK)
+        fail_msg("outbox: %s", lc_err_msg(&err));
+    assert_string_equal(PQgetvalue(res, 0, 0), "radpipe.instance.stored");
+    assert_string_equal(PQgetvalue(res, 0, 1), h->study_instance_uid);
+    lc_event *ev = NULL;
+    const char *payload = PQgetvalue(res, 0, 2);
+    if (lc_event_parse(payload, strlen(payload), &ev, &err) != LC_OK)
+        fail_msg("event: %s: %s", lc_err_msg(&err), payload);
+    assert_string_equal(ev->type, LC_EV_INSTANCE_STORED);
+    assert_string_equal(ev->source, "/radpipe/api-gateway");
+    assert_string_equal(ev->subject, h->study_instance_uid);
+    assert_true(lc_uuid_valid(ev->id));
+    snprintf(url, sizeof(url), "%s/%s", lc_store_url(f->store), key);
+    assert_string_equal(cJSON_GetStringValue(cJSON_GetObjectItem(ev->data, "url")), url);
+    assert_string_equal(cJSON_GetStringValue(cJSON_GetObjectItem(ev->data, "sha256")), sha);
+    assert_int_equal((long long)cJSON_GetNumberValue(cJSON_GetObjectItem(ev->data, "size")), len);
+    assert_string_equal(cJSON_GetStringValue(cJSON_GetObjectItem(ev->data, "sop_class_uid")),
+                        h->sop_class_uid);
+    assert_string_equal(cJSON_GetStringValue(cJSON_GetObjectItem(ev->data, "sop_instance_uid")),
+                        h->sop_instance_uid);
+    cJSON *src = cJSON_GetObjectItem(ev->data, "source");
+    assert_string_equal(cJSON_GetStringValue(cJSON_GetObjectItem(src, "kind")), "http");
+    const char *recv = cJSON_GetStringValue(cJSON_GetObjectItem(ev->data, "received_at"));
+    assert_non_null(recv);
+    assert_int_equal(strlen(recv), 24); /* 2026-11-21T12:00:00.123Z */
+    assert_int_equal(recv[23], 'Z');
+    lc_event_free(ev);
+    PQclear(res);
+
+    /* the same instance again replaces the object and announces it again */
+    r = http(f, &(req){.method = "POST",
+                       .path = "/api/v1/instances",
+                       .token = TOK_WRITE,
+                       .ctype = "application/DICOM; charset=binary",
+                       .body = bytes,
+                       .len = len});
+    expect_status(&r, 202);
+    resp_free(&r);
+    assert_int_equal(query_ll(f->db, "SELECT count(*) FROM outbox", 0, NULL), outbox0 + 2);
+
+    lc_dicom_header_free(h);
+    free(bytes);
+    free(path);
+}
+
+static void test_post_not_dicom(void **state)
+{
+    fixture *f = *state;
+    static const char junk[] = "this is plain text, not a DICOM file\n";
+    long long outbox0 = query_ll(f->db, "SELECT count(*) FROM outbox", 0, NULL);
+    int objects0 = count_objects(f);
+
+    resp r = http(f, &(req){.method = "POST",
+                            .path = "/api/v1/instances",
+                            .token = TOK_WRITE,
+                            .ctype = "application/dicom",
+                            .body = junk,
+                            .len = sizeof(junk) - 1});
+    char *d = expect_problem(&r, 400);
+    assert_true(strncmp(d, "body is not a DICOM file: ", 26) == 0);
+    free(d);
+    resp_free(&r);
+
+    /* an empty body */
+    r = http(f, &(req){.method = "POST",
+                       .path = "/api/v1/instances",
+                       .token = TOK_WRITE,
+                       .ctype = "application/dicom",
+                       .body = "",
+                       .len = 0});
+    d = expect_problem(&r, 400);
+    assert_string_equal(d, "body is not a DICOM file: the body is empty");
+    free(d);
+    resp_free(&r);
+
+    assert_int_equal(query_ll(f->db, "SELECT count(*) FROM outbox", 0, NULL), outbox0);
+    assert_int_equal(count_objects(f), objects0);
+    assert_int_equal(count_files(f->spool), 0);
+}
+
+static void test_post_plain_text_leaves_nothing(void **state)
+{
+    fixture *f = *state;
+    static const char junk[] = "\x00\x01\x02 definitely not DICOM";
+    long long outbox0 = query_ll(f->db, "SELECT count(*) FROM outbox", 0, NULL);
+    int objects0 = count_objects(f);
+    resp r = http(f, &(req){.method = "POST",
+                            .path = "/api/v1/instances",
+                            .token = TOK_WRITE,
+                            .ctype = "application/dicom",
+                            .body = junk,
+                            .len = sizeof(junk) - 1});
+    free(expect_problem(&r, 400));
+    resp_free(&r);
+    assert_int_equal(query_ll(f->db, "SELECT count(*) FROM outbox", 0, NULL), outbox0);
+    assert_int_equal(count_objects(f), objects0);
+    assert_int_equal(count_files(f->spool), 0);
+}
+
+static void test_post_auth(void **state)
+{
+    fixture *f = *state;
+    static const char body[] = "x";
+    char v[256];
+    req q = {.method = "POST",
+             .path = "/api/v1/instances",
+             .ctype = "application/dicom",
+             .body = body,
+             .len = 1};
+
+    resp r = http(f, &q); /* no token */
+    free(expect_problem(&r, 401));
+    assert_non_null(header(&r, "WWW-Authenticate", v, sizeof(v)));
+    assert_true(strncmp(v, "Bearer", 6) == 0);
+    resp_free(&r);
+
+    q.token = "rpt_not_a_known_token";
+    r = http(f, &q);
+    free(expect_problem(&r, 401));
+    assert_non_null(header(&r, "WWW-Authenticate", v, sizeof(v)));
+    assert_non_null(strstr(v, "invalid_token"));
+    resp_free(&r);
+
+    q.token = TOK_REVOKED;
+    r = http(f, &q);
+    free(expect_problem(&r, 401));
+    resp_free(&r);
+
+    q.token = TOK_EXPIRED;
+    r = http(f, &q);
+    free(expect_problem(&r, 401));
+    resp_free(&r);
+
+    q.token = TOK_READ; /* valid, but read only */
+    r = http(f, &q);
+    char *d = expect_problem(&r, 403);
+    assert_non_null(strstr(d, "write"));
+    free(d);
+    resp_free(&r);
+
+    q.token = NULL; /* another scheme */
+    q.hdr1 = "Authorization: Basic dXNlcjpwYXNz";
+    r = http(f, &q);
+    free(expect_problem(&r, 401));
+    resp_free(&r);
+}
+
+static void test_post_wrong_content_type(void **state)
+{
+    fixture *f = *state;
+    static const char body[] = "{\"a\":1}";
+    resp r = http(f, &(req){.method = "POST",
+                            .path = "/api/v1/instances",
+                            .token = TOK_WRITE,
+                            .ctype = "application/json",
+                            .body = body,
+                            .len = sizeof(body) - 1});
+    char *d = expect_problem(&r, 415);
+    assert_non_null(strstr(d, "application/json"));
+    free(d);
+    resp_free(&r);
+    r = http(f, &(req){.method = "POST",
+                       .path = "/api/v1/instances",
+                       .token = TOK_WRITE,
+                       .body = body,
+                       .len = sizeof(body) - 1,
+                       .hdr1 = "Content-Type:"});
+    free(expect_problem(&r, 415));
+    resp_free(&r);
+}
+
+static void test_post_too_large(void **state)
+{
+    fixture *f = *state;
+    /* announced far beyond the limit: refused before a byte of the body is read */
+    stream s = {.total = 10LL << 30};
+    int64_t t0 = lc_now_ms();
+    resp r = http(f, &(req){.method = "POST",
+                            .path = "/api/v1/instances",
+                            .token = TOK_WRITE,
+                            .ctype = "application/dicom",
+                            .stream = &s,
+                            .announce = s.total});
+    char *d = expect_problem(&r, 413);
+    assert_non_null(strstr(d, "limit"));
+    free(d);
+    resp_free(&r);
+    assert_true(lc_now_ms() - t0 < 10000);
+    assert_true(s.sent < (1LL << 30));
+
+    /* chunked: counted while it arrives */
+    s = (stream){.total = MAX_BODY + 100 * 1024};
+    r = http(f, &(req){.method = "POST",
+                       .path = "/api/v1/instances",
+                       .token = TOK_WRITE,
+                       .ctype = "application/dicom",
+                       .stream = &s,
+                       .announce = -1});
+    free(expect_problem(&r, 413));
+    resp_free(&r);
+
+    /* just at the limit is accepted for reading (and then refused as not DICOM), without the
+     * client waiting for a "100 Continue" that never comes */
+    s = (stream){.total = MAX_BODY};
+    t0 = lc_now_ms();
+    r = http(f, &(req){.method = "POST",
+                       .path = "/api/v1/instances",
+                       .token = TOK_WRITE,
+                       .ctype = "application/dicom",
+                       .stream = &s,
+                       .announce = s.total});
+    free(expect_problem(&r, 400));
+    resp_free(&r);
+    assert_true(lc_now_ms() - t0 < 4000);
+    assert_int_equal(s.sent, MAX_BODY);
+    assert_int_equal(count_files(f->spool), 0);
+
+    /* the server still answers after closing those connections */
+    r = get(f, "/healthz", NULL);
+    expect_status(&r, 200);
+    resp_free(&r);
+}
+
+/* --- studies ---------------------------------------------------------------------------- */
+
+static void insert_studies(fixture *f)
+{
+    static int done;
+    if (done++)
+        return;
+    exec_ok(f->db,
+            "INSERT INTO studies (study_uid, patient_id, patient_name, study_date, study_time,"
+            " accession_number, study_description, modalities, num_series, num_instances,"
+            " completed_version, created_at) VALUES"
+            " ('" STUDY_A "', 'PID-1', 'Doe^Jane', '20240102', '101500', 'ACC1', 'Head CT',"
+            "  '{CT}', 1, 28, 1, '2024-01-02T10:00:00Z'),"
+            " ('" STUDY_B "', 'PID-2', 'Roe^Rick', '20240103', NULL, NULL, NULL,"
+            "  '{MR,SEG}', 2, 40, 0, '2024-01-03T10:00:00Z'),"
+            " ('" STUDY_C "', 'O''Brien''; DROP TABLE studies;--', NULL, '20240103', NULL,"
+            "  NULL, NULL, '{MR}', 0, 0, 0, '2024-01-04T10:00:00Z')",
+            0, NULL);
+    exec_ok(f->db,
+            "INSERT INTO series (series_uid, study_uid, modality, series_number,"
+            " series_description, num_instances) VALUES"
+            " ('" STUDY_B ".1', '" STUDY_B "', 'MR', 1, 'T1 sag', 35),"
+            " ('" STUDY_B ".2', '" STUDY_B "', 'SEG', 2, NULL, 5)",
+            0, NULL);
+    exec_ok(f->db,
+            "INSERT INTO jobs (id, kind, study_uid, state, params, progress, result, error,"
+            " attempts, started_at, finished_at) VALUES"
+            " ('" JOB_ID "', 'segment', '" STUDY_B "', 'succeeded', '{\"series\":\"x\"}',"
+            "  '{\"done\":3,\"total\":3}', '{\"labels\":2}', NULL, 1, now(), now())",
+            0, NULL);
+    exec_ok(f->db,
+            "INSERT INTO job_artifacts (job_id, name, store_key, size_bytes, media_type) VALUES"
+            " ('" JOB_ID "', 'seg.nii.gz', 'results/x/seg.nii.gz', 1234, 'application/gzip'),"
+            " ('" JOB_ID "', 'seg.dcm', 'results/x/seg.dcm', 999, 'application/dicom')",
+            0, NULL);
+}
+
+static cJSON *get_json(fixture *f, const char *path, long status)
+{
+    resp r = get(f, path, TOK_READ);
+    expect_status(&r, status);
+    cJSON *j = json_of(&r);
+    resp_free(&r);
+    return j;
+}
+
+static int items_count(const cJSON *j)
+{
+    return cJSON_GetArraySize(cJSON_GetObjectItem(j, "items"));
+}
+
+static void test_studies_list(void **state)
+{
+    fixture *f = *state;
+    insert_studies(f);
+    cJSON *j = get_json(f, "/api/v1/studies", 200);
+    assert_int_equal(items_count(j), 3);
+    assert_int_equal(cJSON_GetNumberValue(cJSON_GetObjectItem(j, "total")), 3);
+    assert_int_equal(cJSON_GetNumberValue(cJSON_GetObjectItem(j, "limit")), 100);
+    assert_int_equal(cJSON_GetNumberValue(cJSON_GetObjectItem(j, "offset")), 0);
+    /* newest first; every documented field present with its JSON type */
+    cJSON *last = cJSON_GetArrayItem(cJSON_GetObjectItem(j, "items"), 2);
+    assert_string_equal(cJSON_GetStringValue(cJSON_GetObjectItem(last, "study_instance_uid")),
+                        STUDY_A);
+    assert_string_equal(cJSON_GetStringValue(cJSON_GetObjectItem(last, "patient_name")),
+                        "Doe^Jane");
+    assert_string_equal(cJSON_GetStringValue(cJSON_GetObjectItem(last, "study_time")), "101500");
+    assert_string_equal(cJSON_GetStringValue(cJSON_GetObjectItem(last, "created_at")),
+                        "2024-01-02T10:00:00.000Z");
+    assert_true(cJSON_IsArray(cJSON_GetObjectItem(last, "modalities")));
+    assert_int_equal(cJSON_GetNumberValue(cJSON_GetObjectItem(last, "num_instances")), 28);
+    assert_int_equal(cJSON_GetNumberValue(cJSON_GetObjectItem(last, "completed_version")), 1);
+    static const char *const fields[] = {
+        "study_instance_uid", "patient_id",        "patient_name", "study_date", "study_time",
+        "accession_number",   "study_description", "modalities",   "num_series", "num_instances",
+        "completed_version",  "created_at",        "updated_at"};
+    for (size_t i = 0; i < sizeof(fields) / sizeof(fields[0]); i++)
+        assert_non_null(cJSON_GetObjectItem(last, fields[i]));
+    cJSON *b = cJSON_GetArrayItem(cJSON_GetObjectItem(j, "items"), 1);
+    assert_true(cJSON_IsNull(cJSON_GetObjectItem(b, "study_time")));
+    cJSON_Delete(j);
+
+    j = get_json(f, "/api/v1/studies?limit=1&offset=1", 200);
+    assert_int_equal(items_count(j), 1);
+    assert_int_equal(cJSON_GetNumberValue(cJSON_GetObjectItem(j, "total")), 3);
+    assert_string_equal(
+        cJSON_GetStringValue(cJSON_GetObjectItem(
+            cJSON_GetArrayItem(cJSON_GetObjectItem(j, "items"), 0), "study_instance_uid")),
+        STUDY_B);
+    cJSON_Delete(j);
+
+    j = get_json(f, "/api/v1/studies?offset=10", 200);
+    assert_int_equal(items_count(j), 0);
+    assert_int_equal(cJSON_GetNumberValue(cJSON_GetObjectItem(j, "total")), 3);
+    cJSON_Delete(j);
+
+    j = get_json(f, "/api/v1/studies?modality=MR", 200);
+    assert_int_equal(items_count(j), 2);
+    cJSON_Delete(j);
+    j = get_json(f, "/api/v1/studies?modality=SEG&study_date=20240103", 200);
+    assert_int_equal(items_count(j), 1);
+    cJSON_Delete(j);
+    j = get_json(f, "/api/v1/studies?patient_id=PID-1", 200);
+    assert_int_equal(items_count(j), 1);
+    assert_int_equal(cJSON_GetNumberValue(cJSON_GetObjectItem(j, "total")), 1);
+    cJSON_Delete(j);
+    j = get_json(f, "/api/v1/studies?study_date=20240103", 200);
+    assert_int_equal(items_count(j), 2);
+    cJSON_Delete(j);
+}
+
+static void test_studies_list_bad_params(void **state)
+{
+    fixture *f = *state;
+    static const char *const bad[] = {
+        "/api/v1/studies?limit=0",         "/api/v1/studies?limit=1001",
+        "/api/v1/studies?limit=-1",        "/api/v1/studies?limit=abc",
+        "/api/v1/studies?limit=",          "/api/v1/studies?offset=-5",
+        "/api/v1/studies?offset=1e3",      "/api/v1/studies?study_date=2024-01-03",
+        "/api/v1/studies?study_date=2024", "/api/v1/studies?patientid=PID-1",
+    };
+    for (size_t i = 0; i < sizeof(bad) / sizeof(bad[0]); i++) {
+        resp r = get(f, bad[i], TOK_READ);
+        if (r.status != 400)
+            fail_msg("%s: expected 400, got %ld", bad[i], r.status);
+        free(expect_problem(&r, 400));
+        resp_free(&r);
+    }
+    cJSON *j = get_json(f, "/api/v1/studies?limit=1000", 200);
+    cJSON_Delete(j);
+    resp r = get(f, "/api/v1/studies", NULL);
+    free(expect_problem(&r, 401));
+    resp_free(&r);
+}
+
+static void test_studies_sql_metacharacters_are_data(void **state)
+{
+    fixture *f = *state;
+    insert_studies(f);
+    /* x' OR '1'='1 */
+    cJSON *j = get_json(f, "/api/v1/studies?patient_id=x%27%20OR%20%271%27%3D%271", 200);
+    assert_int_equal(items_count(j), 0);
+    assert_int_equal(cJSON_GetNumberValue(cJSON_GetObjectItem(j, "total")), 0);
+    cJSON_Delete(j);
+    /* the patient id that looks like an injection is found exactly, and nothing runs */
+    j = get_json(f, "/api/v1/studies?patient_id=O%27Brien%27%3B%20DROP%20TABLE%20studies%3B--",
+                 200);
+    assert_int_equal(items_count(j), 1);
+    assert_string_equal(
+        cJSON_GetStringValue(cJSON_GetObjectItem(
+            cJSON_GetArrayItem(cJSON_GetObjectItem(j, "items"), 0), "study_instance_uid")),
+        STUDY_C);
+    cJSON_Delete(j);
+    j = get_json(f, "/api/v1/studies?modality=MR%27)%20OR%20(%271%27%3D%271", 200);
+    assert_int_equal(items_count(j), 0);
+    cJSON_Delete(j);
+    assert_true(query_ll(f->db, "SELECT count(*) FROM studies", 0, NULL) >= 3);
+}
+
+static void test_study_get(void **state)
+{
+    fixture *f = *state;
+    insert_studies(f);
+    cJSON *j = get_json(f, "/api/v1/studies/" STUDY_B, 200);
+    assert_string_equal(cJSON_GetStringValue(cJSON_GetObjectItem(j, "study_instance_uid")),
+                        STUDY_B);
+    cJSON *series = cJSON_GetObjectItem(j, "series");
+    assert_int_equal(cJSON_GetArraySize(series), 2);
+    cJSON *s0 = cJSON_GetArrayItem(series, 0);
+    assert_string_equal(cJSON_GetStringValue(cJSON_GetObjectItem(s0, "series_instance_uid")),
+                        STUDY_B ".1");
+    assert_string_equal(cJSON_GetStringValue(cJSON_GetObjectItem(s0, "modality")), "MR");
+    assert_int_equal(cJSON_GetNumberValue(cJSON_GetObjectItem(s0, "series_number")), 1);
+    assert_string_equal(cJSON_GetStringValue(cJSON_GetObjectItem(s0, "series_description")),
+                        "T1 sag");
+    assert_int_equal(cJSON_GetNumberValue(cJSON_GetObjectItem(s0, "num_instances")), 35);
+    cJSON *jobs = cJSON_GetObjectItem(j, "jobs");
+    assert_int_equal(cJSON_GetArraySize(jobs), 1);
+    cJSON *j0 = cJSON_GetArrayItem(jobs, 0);
+    assert_string_equal(cJSON_GetStringValue(cJSON_GetObjectItem(j0, "id")), JOB_ID);
+    assert_string_equal(cJSON_GetStringValue(cJSON_GetObjectItem(j0, "state")), "succeeded");
+    assert_string_equal(cJSON_GetStringValue(cJSON_GetObjectItem(j0, "kind")), "segment");
+    assert_int_equal(cJSON_GetNumberValue(cJSON_GetObjectItem(j0, "attempts")), 1);
+    assert_true(cJSON_IsNull(cJSON_GetObjectItem(j0, "error")));
+    cJSON_Delete(j);
+
+    j = get_json(f, "/api/v1/studies/" STUDY_A, 200);
+    assert_int_equal(cJSON_GetArraySize(cJSON_GetObjectItem(j, "series")), 0);
+    assert_int_equal(cJSON_GetArraySize(cJSON_GetObjectItem(j, "jobs")), 0);
+    cJSON_Delete(j);
+
+    resp r = get(f, "/api/v1/studies/1.2.3.999999", TOK_READ);
+    free(expect_problem(&r, 404));
+    resp_free(&r);
+    r = get(f, "/api/v1/studies/not-a-uid", TOK_READ);
+    free(expect_problem(&r, 400));
+    resp_free(&r);
+    r = get(f, "/api/v1/studies/1.02.3", TOK_READ);
+    free(expect_problem(&r, 400));
+    resp_free(&r);
+}
+
+static void test_job_get(void **state)
+{
+    fixture *f = *state;
+    insert_studies(f);
+    cJSON *j = get_json(f, "/api/v1/jobs/" JOB_ID, 200);
+    assert_string_equal(cJSON_GetStringValue(cJSON_GetObjectItem(j, "id")), JOB_ID);
+    assert_string_equal(cJSON_GetStringValue(cJSON_GetObjectItem(j, "study_instance_uid")),
+                        STUDY_B);
+    assert_string_equal(cJSON_GetStringValue(cJSON_GetObjectItem(j, "state")), "succeeded");
+    assert_string_equal(
+        cJSON_GetStringValue(cJSON_GetObjectItem(cJSON_GetObjectItem(j, "params"), "series")), "x");
+    assert_int_equal(
+        cJSON_GetNumberValue(cJSON_GetObjectItem(cJSON_GetObjectItem(j, "progress"), "total")), 3);
+    assert_int_equal(
+        cJSON_GetNumberValue(cJSON_GetObjectItem(cJSON_GetObjectItem(j, "result"), "labels")), 2);
+    assert_int_equal(cJSON_GetNumberValue(cJSON_GetObjectItem(j, "max_attempts")), 5);
+    assert_non_null(cJSON_GetStringValue(cJSON_GetObjectItem(j, "started_at")));
+    static const char *const fields[] = {"kind",       "error",      "attempts",
+                                         "created_at", "updated_at", "finished_at"};
+    for (size_t i = 0; i < sizeof(fields) / sizeof(fields[0]); i++)
+        assert_non_null(cJSON_GetObjectItem(j, fields[i]));
+    cJSON *arts = cJSON_GetObjectItem(j, "artifacts");
+    assert_int_equal(cJSON_GetArraySize(arts), 2);
+    cJSON *a0 = cJSON_GetArrayItem(arts, 0); /* by name */
+    assert_string_equal(cJSON_GetStringValue(cJSON_GetObjectItem(a0, "name")), "seg.dcm");
+    assert_int_equal(cJSON_GetNumberValue(cJSON_GetObjectItem(a0, "size")), 999);
+    assert_string_equal(cJSON_GetStringValue(cJSON_GetObjectItem(a0, "media_type")),
+                        "application/dicom");
+    assert_null(cJSON_GetObjectItem(a0, "store_key")); /* internal */
+    cJSON_Delete(j);
+
+    resp r = get(f, "/api/v1/jobs/00000000-0000-4000-8000-000000000000", TOK_READ);
+    free(expect_problem(&r, 404));
+    resp_free(&r);
+    r = get(f, "/api/v1/jobs/12345", TOK_READ);
+    free(expect_problem(&r, 400));
+    resp_free(&r);
+    r = get(f, "/api/v1/jobs/" JOB_ID, NULL);
+    free(expect_problem(&r, 401));
+    resp_free(&r);
+}
+
+/* --- routing, CORS, admin --------------------------------------------------------------- */
+
+static void test_routing_errors(void **state)
+{
+    fixture *f = *state;
+    char v[256];
+    resp r = get(f, "/api/v1/nothing-here", TOK_READ);
+    free(expect_problem(&r, 404));
+    resp_free(&r);
+    r = get(f, "/", NULL);
+    free(expect_problem(&r, 404));
+    resp_free(&r);
+    r = get(f, "/api/v1/studies/", TOK_READ);
+    free(expect_problem(&r, 404));
+    resp_free(&r);
+
+    r = http(f, &(req){.method = "DELETE", .path = "/api/v1/studies", .token = TOK_WRITE});
+    free(expect_problem(&r, 405));
+    assert_non_null(header(&r, "Allow", v, sizeof(v)));
+    assert_non_null(strstr(v, "GET"));
+    assert_null(strstr(v, "POST"));
+    resp_free(&r);
+    r = get(f, "/api/v1/instances", TOK_WRITE);
+    free(expect_problem(&r, 405));
+    assert_non_null(header(&r, "Allow", v, sizeof(v)));
+    assert_non_null(strstr(v, "POST"));
+    resp_free(&r);
+}
+
+static void test_cors(void **state)
+{
+    fixture *f = *state;
+    char v[256];
+    resp r = http(f, &(req){.method = "GET",
+                            .path = "/api/v1/studies",
+                            .token = TOK_READ,
+                            .hdr1 = "Origin: https://ui.example"});
+    expect_status(&r, 200);
+    assert_non_null(header(&r, "Access-Control-Allow-Origin", v, sizeof(v)));
+    assert_string_equal(v, "https://ui.example");
+    resp_free(&r);
+
+    r = http(f, &(req){.method = "GET",
+                       .path = "/api/v1/studies",
+                       .token = TOK_READ,
+                       .hdr1 = "Origin: https://evil.example"});
+    expect_status(&r, 200);
+    assert_null(header(&r, "Access-Control-Allow-Origin", v, sizeof(v)));
+    resp_free(&r);
+
+    /* preflight: no token needed */
+    r = http(f, &(req){.method = "OPTIONS",
+                       .path = "/api/v1/instances",
+                       .hdr1 = "Origin: https://other.example",
+                       .hdr2 = "Access-Control-Request-Method: POST"});
+    expect_status(&r, 204);
+    assert_non_null(header(&r, "Access-Control-Allow-Origin", v, sizeof(v)));
+    assert_string_equal(v, "https://other.example");
+    assert_non_null(header(&r, "Access-Control-Allow-Methods", v, sizeof(v)));
+    assert_non_null(strstr(v, "POST"));
+    assert_non_null(header(&r, "Access-Control-Allow-Headers", v, sizeof(v)));
+    assert_non_null(strcasestr(v, "authorization"));
+    resp_free(&r);
+
+    r = http(f, &(req){.method = "OPTIONS",
+                       .path = "/api/v1/instances",
+                       .hdr1 = "Origin: https://evil.example",
+                       .hdr2 = "Access-Control-Request-Method: POST"});
+    expect_status(&r, 204);
+    assert_null(header(&r, "Access-Control-Allow-Origin", v, sizeof(v)));
+    resp_free(&r);
+}
+
+/* The gateway's requests_total series for labels, from the shared registry (get-or-create
+ * returns the gateway's own handle). */
+static lc_counter *requests_total(fixture *f, const char *labels)
+{
+    lc_counter *c = lc_metrics_counter(f->metrics, "radpipe_http_requests_total",
+                                       "HTTP requests by route, method and status code", labels);
+    assert_non_null(c);
+    return c;
+}
+
+/* Metrics are recorded as a request ends, which may be just after the client has its answer. */
+static void wait_value(const struct lc_metric *m, double want)
+{
+    int64_t deadline = lc_now_ms() + 5000;
+    while (lc_metric_value(m) < want && lc_now_ms() < deadline)
+        lc_sleep_ms(5, NULL);
+    assert_true(lc_metric_value(m) == want);
+}
+
+static void test_admin_endpoints_and_metrics(void **state)
+{
+    fixture *f = *state;
+    lc_counter *healthz = requests_total(f, "route=\"/healthz\",method=\"GET\",code=\"200\"");
+    lc_counter *job404 =
+        requests_total(f, "route=\"/api/v1/jobs/{id}\",method=\"GET\",code=\"404\"");
+    lc_counter *unmatched = requests_total(f, "route=\"unmatched\",method=\"GET\",code=\"404\"");
+    lc_counter *sent = lc_metrics_counter(f->metrics, "radpipe_http_bytes_sent_total",
+                                          "response body bytes sent by API routes", NULL);
+    double h0 = lc_metric_value(healthz), j0 = lc_metric_value(job404);
+    double u0 = lc_metric_value(unmatched);
+
+    resp r = get(f, "/healthz", NULL);
+    expect_status(&r, 200);
+    resp_free(&r);
+    wait_value(healthz, h0 + 1);
+    r = get(f, "/readyz", NULL);
+    expect_status(&r, 200);
+    assert_non_null(strstr(r.body, "database"));
+    resp_free(&r);
+
+    double s0 = lc_metric_value(sent);
+    r = get(f, "/api/v1/jobs/00000000-0000-4000-8000-00000000abcd", TOK_READ);
+    free(expect_problem(&r, 404));
+    size_t body_len = r.len;
+    resp_free(&r);
+    wait_value(job404, j0 + 1);
+    wait_value(sent, s0 + (double)body_len);
+
+    /* an unknown path is counted under one label, not under its own */
+    r = get(f, "/no/such/path/12345", NULL);
+    resp_free(&r);
+    wait_value(unmatched, u0 + 1);
+
+    r = get(f, "/metrics", NULL);
+    expect_status(&r, 200);
+    assert_non_null(strstr(
+        r.body,
+        "radpipe_http_requests_total{route=\"/api/v1/jobs/{id}\",method=\"GET\",code=\"404\"}"));
+    assert_non_null(strstr(
+        r.body, "radpipe_http_requests_total{route=\"/healthz\",method=\"GET\",code=\"200\"}"));
+    assert_non_null(strstr(r.body, "radpipe_http_request_duration_seconds_bucket{route=\"/api/v1/"
+                                   "jobs/{id}\""));
+    assert_non_null(strstr(r.body, "radpipe_http_in_flight"));
+    assert_non_null(strstr(r.body, "radpipe_http_bytes_sent_total"));
+    assert_non_null(strstr(r.body, "radpipe_http_bytes_received_total"));
+    assert_non_null(strstr(r.body, "route=\"unmatched\""));
+    assert_null(strstr(r.body, "12345"));
+    resp_free(&r);
+}
+
+/* --- bootstrap token -------------------------------------------------------------------- */
+
+static void test_bootstrap_token(void **state)
+{
+    fixture *f = *state;
+    /* installed from the file by the shared gateway: an admin token, so it may write */
+    resp r = http(f, &(req){.method = "POST",
+                            .path = "/api/v1/instances",
+                            .token = TOK_BOOT,
+                            .ctype = "application/dicom",
+                            .body = "x",
+                            .len = 1});
+    free(expect_problem(&r, 400)); /* authorised; the body is not DICOM */
+    resp_free(&r);
+    assert_int_equal(query_ll(f->db,
+                              "SELECT count(*) FROM api_tokens WHERE name = 'bootstrap-admin'"
+                              " AND scopes = '{admin}' AND revoked_at IS NULL",
+                              0, NULL),
+                     1);
+
+    /* a second gateway with a new file retires the old value (on its own database) */
+    fixture f2 = {0};
+    lc_err err = {0};
+    char other[1100];
+    f2.db_url = ts_pg_fresh_db("gwboot");
+    assert_non_null(f2.db_url);
+    snprintf(f2.spool, sizeof(f2.spool), "%s/spool2", f->tmp);
+    snprintf(other, sizeof(other), "%s/token2", f->tmp);
+    if (lc_db_connect(f2.db_url, 5000, NULL, &f2.db, &err) != LC_OK ||
+        lc_db_migrate(f2.db, &err) != LC_OK)
+        fail_msg("%s", lc_err_msg(&err));
+    f2.store = f->store;
+    f2.metrics = lc_metrics_new();
+    assert_int_equal(ts_write_file(f->token_file, "  " TOK_BOOT "\r\n", strlen(TOK_BOOT) + 4), 0);
+    if (start_gw(&f2, &f2.g, f->token_file, &err) != LC_OK)
+        fail_msg("gw_start: %s", lc_err_msg(&err));
+    r = get(&f2, "/api/v1/studies", TOK_BOOT);
+    expect_status(&r, 200);
+    resp_free(&r);
+    gw_stop(&f2.g);
+
+    assert_int_equal(ts_write_file(other, "rpt_second_value_987654321\n", 27), 0);
+    if (start_gw(&f2, &f2.g, other, &err) != LC_OK)
+        fail_msg("gw_start: %s", lc_err_msg(&err));
+    r = get(&f2, "/api/v1/studies", TOK_BOOT);
+    free(expect_problem(&r, 401));
+    resp_free(&r);
+    r = get(&f2, "/api/v1/studies", "rpt_second_value_987654321");
+    expect_status(&r, 200);
+    resp_free(&r);
+    gw_stop(&f2.g);
+
+    /* an unreadable file is not fatal: the gateway starts without a bootstrap token */
+    snprintf(other, sizeof(other), "%s/does-not-exist", f->tmp);
+    if (start_gw(&f2, &f2.g, other, &err) != LC_OK)
+        fail_msg("gw_start: %s", lc_err_msg(&err));
+    assert_true(f2.g.port > 0);
+    gw_stop(&f2.g); /* (civetweb's stop takes up to 2 s once a connection was served) */
+    lc_metrics_free(f2.metrics);
+    lc_db_free(f2.db);
+    free(f2.db_url);
+}
+
+/* --- drain ----------------------------------------------------------------------------- */
+
+typedef struct upload {
+    fixture *f;
+    stream s;
+    resp r;
+} upload;
+
+static void *upload_main(void *arg)
+{
+    upload *u = arg;
+    u->r = http(u->f, &(req){.method = "POST",
+                             .path = "/api/v1/instances",
+                             .token = TOK_WRITE,
+                             .ctype = "application/dicom",
+                             .stream = &u->s,
+                             .announce = u->s.total});
+    return NULL;
+}
+
+/* An upload still streaming in when the drain begins completes; new requests get 503. */
+static void test_drain_lets_uploads_finish(void **state)
+{
+    fixture *f = *state;
+    fixture f2 = {0};
+    lc_err err = {0};
+    size_t len = 0;
+    char *path = dicom_path();
+    char *bytes = ts_read_file(path, &len);
+    pthread_t t;
+    assert_non_null(bytes);
+    f2.db_url = f->db_url;
+    f2.store = f->store;
+    f2.metrics = lc_metrics_new();
+    snprintf(f2.spool, sizeof(f2.spool), "%s", f->spool);
+    if (start_gw(&f2, &f2.g, NULL, &err) != LC_OK)
+        fail_msg("gw_start: %s", lc_err_msg(&err));
+    long long outbox0 = query_ll(f->db, "SELECT count(*) FROM outbox", 0, NULL);
+
+    upload u = {.f = &f2,
+                .s = {.total = (long long)len, .data = bytes, .chunk = 4096, .delay_ms = 50}};
+    assert_int_equal(pthread_create(&t, NULL, upload_main, &u), 0);
+    int64_t deadline = lc_now_ms() + 5000;
+    while ((atomic_load(&f2.g.active) == 0 || u.s.sent == 0) && lc_now_ms() < deadline)
+        lc_sleep_ms(5, NULL);
+    assert_int_equal(atomic_load(&f2.g.active), 1);
+    gw_drain_begin(&f2.g);
+
+    resp r = get(&f2, "/api/v1/studies", TOK_READ);
+    free(expect_problem(&r, 503));
+    resp_free(&r);
+    r = get(&f2, "/readyz", NULL);
+    expect_status(&r, 503);
+    assert_non_null(strstr(r.body, "draining"));
+    resp_free(&r);
+    assert_true(u.s.sent < u.s.total); /* the upload was still going on meanwhile */
+
+    /* what main does: wait for the drain, then stop the server */
+    assert_int_equal(gw_drain_wait(&f2.g, 20000), 1);
+    gw_stop(&f2.g);
+    pthread_join(t, NULL);
+    expect_status(&u.r, 202);
+    assert_int_equal(u.s.sent, len);
+    resp_free(&u.r);
+    assert_int_equal(query_ll(f->db, "SELECT count(*) FROM outbox", 0, NULL), outbox0 + 1);
+    lc_metrics_free(f2.metrics);
+    free(bytes);
+    free(path);
+}
+
+/* --- configuration and contract --------------------------------------------------------- */
+
+static void test_route_match(void **state)
+{
+    (void)state;
+    gw_param p[GW_MAX_PARAMS];
+    int n = -1;
+    assert_true(gw_route_match("/api/v1/studies", "/api/v1/studies", p, &n));
+    assert_int_equal(n, 0);
+    assert_true(gw_route_match("/api/v1/studies/{uid}", "/api/v1/studies/1.2.3", p, &n));
+    assert_int_equal(n, 1);
+    assert_string_equal(p[0].value, "1.2.3");
+    assert_int_equal(p[0].name_len, 3);
+    assert_false(gw_route_match("/api/v1/studies/{uid}", "/api/v1/studies/", p, &n));
+    assert_false(gw_route_match("/api/v1/studies/{uid}", "/api/v1/studies/1/x", p, &n));
+    assert_false(gw_route_match("/api/v1/studies", "/api/v1/studies/", p, &n));
+    assert_false(gw_route_match("/api/v1/studies", "/api/v1/studie", p, &n));
+    assert_true(gw_route_match("/a/{x}/b/{y}", "/a/1/b/2", p, &n));
+    assert_int_equal(n, 2);
+    assert_string_equal(p[1].value, "2");
+}
+
+static void test_config_table(void **state)
+{
+    (void)state;
+    static const char *const names[] = {
+        "RADPIPE_HTTP_LISTEN",         "RADPIPE_HTTP_THREADS",
+        "RADPIPE_HTTP_MAX_BODY_BYTES", "RADPIPE_HTTP_REQUEST_TIMEOUT_MS",
+        "RADPIPE_SPOOL_DIR",           "RADPIPE_ADMIN_TOKEN_FILE",
+        "RADPIPE_DB_POOL_SIZE",        "RADPIPE_CORS_ORIGINS"};
+    assert_int_equal(gw_cfg_nvars, sizeof(names) / sizeof(names[0]));
+    for (size_t i = 0; i < gw_cfg_nvars; i++) {
+        assert_string_equal(gw_cfg_vars[i].name, names[i]);
+        assert_non_null(gw_cfg_vars[i].help);
+    }
+    gw_config c = {0};
+    lc_cfg_table t = {gw_cfg_vars, gw_cfg_nvars, &c};
+    lc_err err = {0};
+    unsetenv("RADPIPE_HTTP_MAX_BODY_BYTES");
+    assert_int_equal(lc_cfg_load(&t, 1, &err), LC_OK);
+    assert_int_equal(c.max_body_bytes, 2LL << 30);
+    assert_int_equal(c.http_threads, 16);
+    assert_int_equal(c.request_timeout_ms, 300000);
+    assert_int_equal(c.db_pool_size, 8);
+    assert_string_equal(c.http_listen, "127.0.0.1:8080");
+    assert_string_equal(c.spool_dir, "var/spool");
+    assert_string_equal(c.admin_token_file, "");
+    assert_string_equal(c.cors_origins, "");
+    lc_cfg_release(&t, 1);
+}
+
+/* Every route of the router table (and the admin paths) is in proto/openapi.yaml with its
+ * method, and the file describes no path or method the server does not have. The YAML is read
+ * loosely: path keys are the lines "  /...:" and methods the lines "    get:" below them. */
+static void test_openapi_lists_every_route(void **state)
+{
+    (void)state;
+    char path[1024];
+    snprintf(path, sizeof(path), "%s/proto/openapi.yaml", ts_root());
+    char *yaml = ts_read_file(path, NULL);
+    if (!yaml)
+        fail_msg("cannot read %s", path);
+    char seen[64][2][128]; /* (path, method) pairs in the file */
+    int nseen = 0;
+    char cur[128] = "";
+    int in_paths = 0;
+    for (char *line = strtok(yaml, "\n"); line; line = strtok(NULL, "\n")) {
+        size_t len = strlen(line);
+        if (len && line[len - 1] == '\r')
+            line[--len] = '\0';
+        if (strcmp(line, "paths:") == 0) {
+            in_paths = 1;
+            continue;
+        }
+        if (line[0] && line[0] != ' ' && line[0] != '#')
+            in_paths = 0;
+        if (!in_paths)
+            continue;
+        if (strncmp(line, "  /", 3) == 0 && line[len - 1] == ':') {
+            snprintf(cur, sizeof(cur), "%.*s", (int)(len - 3), line + 2);
+            continue;
+        }
+        static const char *const verbs[] = {"get",   "post",    "put", "delete",
+                                            "patch", "options", "head"};
+        for (size_t v = 0; v < sizeof(verbs) / sizeof(verbs[0]); v++) {
+            char key[32];
+            snprintf(key, sizeof(key), "    %s:", verbs[v]);
+            if (strcmp(line, key) == 0 && cur[0] && nseen < 64) {
+                lc_strlcpy(seen[nseen][0], cur, sizeof(seen[0][0]));
+                for (size_t k = 0; verbs[v][k] && k < 127; k++)
+                    seen[nseen][1][k] = (char)(verbs[v][k] - 'a' + 'A');
+                seen[nseen][1][strlen(verbs[v])] = '\0';
+                nseen++;
+            }
+        }
+    }
+    free(yaml);
+    assert_true(nseen > 0);
+
+    size_t n;
+    const gw_route *routes = gw_routes(&n);
+    for (size_t i = 0; i < n; i++) {
+        int found = 0;
+        for (int k = 0; k < nseen && !found; k++)
+            found = strcmp(seen[k][0], routes[i].pattern) == 0 &&
+                    strcmp(seen[k][1], routes[i].method) == 0;
+        if (!found)
+            fail_msg("route %s %s is missing from proto/openapi.yaml", routes[i].method,
+                     routes[i].pattern);
+    }
+    for (size_t i = 0; i < gw_admin_npaths; i++) {
+        int found = 0;
+        for (int k = 0; k < nseen && !found; k++)
+            found = strcmp(seen[k][0], gw_admin_paths[i]) == 0 && strcmp(seen[k][1], "GET") == 0;
+        if (!found)
+            fail_msg("admin path %s is missing from proto/openapi.yaml", gw_admin_paths[i]);
+    }
+    for (int k = 0; k < nseen; k++) {
+        int found = 0;
+        for (size_t i = 0; i < n && !found; i++)
+            found = strcmp(seen[k][0], routes[i].pattern) == 0 &&
+                    strcmp(seen[k][1], routes[i].method) == 0;
+        for (size_t i = 0; i < gw_admin_npaths && !found; i++)
+            found = strcmp(seen[k][0], gw_admin_paths[i]) == 0 && strcmp(seen[k][1], "GET") == 0;
+        if (!found)
+            fail_msg("proto/openapi.yaml describes %s %s, which the server does not have",
+                     seen[k][1], seen[k][0]);
+    }
+}
+
+int main(void)
+{
+    const struct CMUnitTest unit[] = {
+        cmocka_unit_test(test_route_match),
+        cmocka_unit_test(test_config_table),
+        cmocka_unit_test(test_openapi_lists_every_route),
+    };
+    const struct CMUnitTest server[] = {
+        cmocka_unit_test(test_post_dicom),
+        cmocka_unit_test(test_post_not_dicom),
+        cmocka_unit_test(test_post_plain_text_leaves_nothing),
+        cmocka_unit_test(test_post_auth),
+        cmocka_unit_test(test_post_wrong_content_type),
+        cmocka_unit_test(test_post_too_large),
+        cmocka_unit_test(test_studies_list),
+        cmocka_unit_test(test_studies_list_bad_params),
+        cmocka_unit_test(test_studies_sql_metacharacters_are_data),
+        cmocka_unit_test(test_study_get),
+        cmocka_unit_test(test_job_get),
+        cmocka_unit_test(test_routing_errors),
+        cmocka_unit_test(test_cors),
+        cmocka_unit_test(test_admin_endpoints_and_metrics),
+        cmocka_unit_test(test_bootstrap_token),
+        cmocka_unit_test(test_drain_lets_uploads_finish),
+    };
+    int failed = cmocka_run_group_tests_name("gw_unit", unit, NULL, NULL);
+    failed += cmocka_run_group_tests_name("gw_server", server, setup, teardown);
+    return failed ? 1 : 0;
+}
