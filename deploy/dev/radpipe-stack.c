@@ -123,6 +123,7 @@ typedef struct stack {
 
     char var[PATH_MAX];
     char pg_dir[PATH_MAX], run_dir[PATH_MAX], log_dir[PATH_MAX];
+    char sock_dir[PATH_MAX]; /* PostgreSQL's unix socket: run_dir unless relocated */
     char objects_dir[PATH_MAX], archive_dir[PATH_MAX], spool_dir[PATH_MAX];
     char token_path[PATH_MAX], env_path[PATH_MAX], addr_path[PATH_MAX], lock_path[PATH_MAX];
     char pg_log[PATH_MAX], broker_log[PATH_MAX];
@@ -455,8 +456,9 @@ static lc_rc make_paths(stack *s, lc_err *err)
         s->archive_url = NULL;
     if (!s->archive_url)
         return lc_err_set(err, LC_ERR_NOMEM, "out of memory");
+    lc_strlcpy(s->sock_dir, s->run_dir, sizeof(s->sock_dir));
     /* ".s.PGSQL.<port>" is appended to the directory */
-    s->tcp_only = strlen(s->run_dir) + strlen("/.s.PGSQL.") + strlen(s->pg_port) > SOCKET_PATH_MAX;
+    s->tcp_only = strlen(s->sock_dir) + strlen("/.s.PGSQL.") + strlen(s->pg_port) > SOCKET_PATH_MAX;
     return LC_OK;
 }
 
@@ -506,34 +508,64 @@ static lc_rc make_layout(stack *s, lc_err *err)
     return chown_pg(s, s->pg_log, err);
 }
 
-/* As root, PostgreSQL runs as postgres, which needs to search every parent of VAR: a repo
- * under /root (mode 0700) would otherwise fail later with a less helpful message. */
-static lc_rc check_pg_access(const stack *s, lc_err *err)
+/* 0 when user postgres can use the cluster and socket directories. */
+static int pg_can_reach(const stack *s)
 {
     int status = 0;
-    if (!s->as_root)
-        return LC_OK;
     pid_t pid = fork();
     if (pid < 0)
-        return lc_err_set(err, LC_ERR_IO, "could not fork: %s", strerror(errno));
+        return 0;
     if (pid == 0) {
         if (setgroups((size_t)s->pg_ngroups, s->pg_groups) != 0 || setgid(s->pg_gid) != 0 ||
             setuid(s->pg_uid) != 0)
             _exit(2);
-        _exit(access(s->pg_dir, R_OK | W_OK | X_OK) == 0 && access(s->run_dir, W_OK | X_OK) == 0
+        _exit(access(s->pg_dir, R_OK | W_OK | X_OK) == 0 && access(s->sock_dir, W_OK | X_OK) == 0
                   ? 0
                   : 1);
     }
     while (waitpid(pid, &status, 0) < 0)
         if (errno != EINTR)
-            return lc_err_set(err, LC_ERR_INTERNAL, "could not wait: %s", strerror(errno));
-    if (WIFEXITED(status) && WEXITSTATUS(status) == 0)
+            return 0;
+    return WIFEXITED(status) && WEXITSTATUS(status) == 0;
+}
+
+/* As root, PostgreSQL runs as postgres, which must be able to search every parent of VAR.
+ * A checkout under /root or in a mktemp -d directory (mode 0700) is not searchable: then the
+ * cluster lives in /var/lib/radpipe/pg-<hash of VAR>/ instead (stable, so a second run
+ * finds its data again) and VAR/pg becomes a symlink to it. */
+static lc_rc check_pg_access(stack *s, lc_err *err)
+{
+    char hex[65], base[PATH_MAX], link_path[PATH_MAX];
+    lc_rc rc;
+    if (!s->as_root || pg_can_reach(s))
         return LC_OK;
-    return lc_err_set(err, LC_ERR_CONFIG,
-                      "user postgres cannot reach \"%s\" (PostgreSQL does not run as root; make "
-                      "every parent directory searchable, e.g. chmod o+x, or choose another "
-                      "--var such as /tmp/radpipe)",
-                      s->pg_dir);
+    lc_sha256_hex(s->var, strlen(s->var), hex);
+    hex[16] = '\0';
+    if (fmt(base, sizeof(base), "/var/lib/radpipe/pg-%s", hex) ||
+        fmt(link_path, sizeof(link_path), "%s/pg", s->var) ||
+        fmt(s->pg_dir, sizeof(s->pg_dir), "%s/pg", base) ||
+        fmt(s->sock_dir, sizeof(s->sock_dir), "%s/run", base))
+        return lc_err_set(err, LC_ERR_CONFIG, "path too long");
+    if ((rc = lc_mkdirs(s->sock_dir, 0755, err)) != LC_OK)
+        return rc;
+    if (mkdir(s->pg_dir, 0700) != 0 && errno != EEXIST)
+        return lc_err_set(err, LC_ERR_IO, "could not create directory \"%s\": %s", s->pg_dir,
+                          strerror(errno));
+    if ((rc = chown_pg(s, s->pg_dir, err)) != LC_OK || (rc = chown_pg(s, s->sock_dir, err)) != LC_OK)
+        return rc;
+    /* VAR/pg: replace the empty directory make_layout created by a pointer to the data */
+    struct stat st;
+    if (lstat(link_path, &st) == 0 && S_ISDIR(st.st_mode))
+        rmdir(link_path); /* fails, harmlessly, when it holds an old cluster */
+    if (lstat(link_path, &st) != 0 && symlink(s->pg_dir, link_path) != 0)
+        lc_log_warn("could not link the cluster into VAR", LC_LS("path", link_path),
+                    LC_LS("error", strerror(errno)));
+    s->tcp_only = strlen(s->sock_dir) + strlen("/.s.PGSQL.") + strlen(s->pg_port) > SOCKET_PATH_MAX;
+    if (!pg_can_reach(s))
+        return lc_err_set(err, LC_ERR_CONFIG, "user postgres cannot reach \"%s\"", s->pg_dir);
+    lc_log_info("user postgres cannot search VAR: the cluster lives outside it",
+                LC_LS("var", s->var), LC_LS("cluster", s->pg_dir));
+    return LC_OK;
 }
 
 /* One runner per VAR: a second one would fight over the cluster and the pid files. */
@@ -675,7 +707,7 @@ static lc_rc start_postgres(stack *s, lc_err *err)
     argv[n++] = "-c";
     argv[n++] = "listen_addresses=127.0.0.1";
     argv[n++] = s->tcp_only ? "-c" : "-k";
-    argv[n++] = s->tcp_only ? "unix_socket_directories=" : s->run_dir;
+    argv[n++] = s->tcp_only ? "unix_socket_directories=" : s->sock_dir;
     argv[n] = NULL;
     spawn_spec sp = {
         .argv = argv, .log_path = s->pg_log, .cwd = s->pg_dir, .as_pg = 1, .pdeath_sig = SIGINT};
@@ -996,7 +1028,7 @@ static lc_rc run_initdb(stack *s, lc_err *err)
                     "-E", "UTF8", "--locale=C.UTF-8", NULL};
     lc_log_info("initialising the database cluster", LC_LS("path", s->pg_dir), LC_LS("log", log));
     spawn_spec sp = {
-        .argv = argv, .log_path = log, .cwd = s->var, .as_pg = 1, .pdeath_sig = SIGTERM};
+        .argv = argv, .log_path = log, .cwd = "/", .as_pg = 1, .pdeath_sig = SIGTERM};
     pid_t pid = spawn(s, &sp, err);
     if (pid < 0)
         return LC_ERR_IO;
@@ -1194,7 +1226,7 @@ static lc_rc start_up(stack *s, lc_err *err)
         return rc;
     if (s->tcp_only)
         lc_log_warn("socket directory path too long, PostgreSQL listens on TCP only",
-                    LC_LS("path", s->run_dir), LC_LI("max_bytes", SOCKET_PATH_MAX));
+                    LC_LS("path", s->sock_dir), LC_LI("max_bytes", SOCKET_PATH_MAX));
     if ((rc = start_postgres(s, err)) != LC_OK ||
         (rc = wait_for(s, &s->ch[CH_PG], pg_ready, PG_READY_MS, s->pg_log, err)) != LC_OK ||
         (rc = ensure_database(s, err)) != LC_OK)

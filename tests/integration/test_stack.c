@@ -538,6 +538,59 @@ static void test_long_var_tcp_only(void **state)
     free(env);
 }
 
+/* As root, a VAR whose parent only root may search (a checkout in a mktemp -d directory,
+ * or under /root): PostgreSQL's cluster moves to /var/lib/radpipe/pg-<hash>, VAR/pg points
+ * there, the data survives a restart, and the cluster directory is reused. */
+static void test_private_parent_dir(void **state)
+{
+    fixture *fx = *state;
+    if (geteuid() != 0) {
+        skip(); /* only root runs PostgreSQL as another user */
+        return;
+    }
+    char *priv = path_in(fx->var, "private");
+    assert_int_equal(mkdir(priv, 0700), 0);
+    free(fx->stack_var);
+    fx->stack_var = path_in(priv, "var");
+    start_stack(fx);
+    char *env = wait_stack_env(fx);
+    assert_non_null(env);
+    char *db = env_get(env, "RADPIPE_DATABASE_URL");
+    PGresult *r = pg_run(db, "CREATE TABLE kept AS SELECT 7 AS x", 0, NULL);
+    assert_int_equal(PQresultStatus(r), PGRES_COMMAND_OK);
+    PQclear(r);
+    char *link = path_in(fx->stack_var, "pg");
+    char target[4096];
+    ssize_t n = readlink(link, target, sizeof(target) - 1);
+    assert_true(n > 0);
+    target[n] = '\0';
+    assert_non_null(strstr(target, "/var/lib/radpipe/pg-"));
+    long pg_pid = read_pid(fx->stack_var, "pg/postmaster.pid");
+    long broker_pid = read_pid(fx->stack_var, "run/radpipe-devbroker.pid");
+    assert_stops_cleanly(fx, SIGINT, pg_pid, broker_pid);
+    free(env);
+
+    start_stack(fx); /* the same VAR again finds its data */
+    env = wait_stack_env(fx);
+    assert_non_null(env);
+    r = pg_run(db, "SELECT x FROM kept", 0, NULL);
+    assert_int_equal(PQresultStatus(r), PGRES_TUPLES_OK);
+    assert_string_equal(PQgetvalue(r, 0, 0), "7");
+    PQclear(r);
+    pg_pid = read_pid(fx->stack_var, "pg/postmaster.pid");
+    broker_pid = read_pid(fx->stack_var, "run/radpipe-devbroker.pid");
+    assert_stops_cleanly(fx, SIGTERM, pg_pid, broker_pid);
+    /* the cluster lives outside VAR: remove it here, teardown only removes VAR */
+    char *parent = strdup(target);
+    *strrchr(parent, '/') = '\0';
+    ts_rmrf(parent);
+    free(parent);
+    free(link);
+    free(env);
+    free(db);
+    free(priv);
+}
+
 /* Stand-ins for the services (they do not exist yet when this test was written): a node
  * script that records its environment in DIR/NAME.env and answers /healthz and /readyz on
  * the address the runner gave it; SIGTERM exits 0. */
@@ -696,6 +749,7 @@ int main(void)
         cmocka_unit_test_setup_teardown(test_lifecycle, setup, teardown),
         cmocka_unit_test_setup_teardown(test_runner_killed, setup, teardown),
         cmocka_unit_test_setup_teardown(test_long_var_tcp_only, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_private_parent_dir, setup, teardown),
         cmocka_unit_test_setup_teardown(test_services_supervised, setup, teardown),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
