@@ -31,6 +31,14 @@ INCS := -Ilibcommon/include -Igpu -I$(BUILD)/gen -I/usr/include/nifti $(PKG_CFLA
 ifeq ($(MODE),test)
   OPT := -O1 -g -fsanitize=address,undefined -fno-omit-frame-pointer -fno-sanitize-recover=all
   LDOPT := -fsanitize=address,undefined
+else ifeq ($(MODE),fuzz)
+  # libFuzzer: clang, the library instrumented for coverage, no CUDA
+  CC := clang
+  CXX := clang++
+  NVCC :=
+  OPT := -O1 -g -fsanitize=address,undefined,fuzzer-no-link -fno-omit-frame-pointer
+  LDOPT := -fsanitize=address,undefined
+  WARN += -Wno-unknown-warning-option
 else
   OPT := -O2 -g -D_FORTIFY_SOURCE=2 -fstack-protector-strong
   LDOPT :=
@@ -143,12 +151,17 @@ $(BUILD)/tests/unit/services/$(1)/%: $(BUILD)/obj/tests/unit/services/$(1)/%.o $
 endef
 $(foreach s,$(SERVICES),$(eval $(call service_tests,$(s))))
 
-# --- fuzz targets (clang, libFuzzer) -----------------------------------------------------
+# --- fuzz targets (clang, libFuzzer): tests/fuzz/fuzz_<name>.c, seeds in tests/fuzz/<name>/ -
 FUZZ_SRC := $(wildcard tests/fuzz/fuzz_*.c)
-FUZZ_BINS := $(patsubst tests/fuzz/%.c,build/fuzz/%,$(FUZZ_SRC))
+FUZZ_BINS := $(patsubst tests/fuzz/%.c,build/fuzz/fuzz/%,$(FUZZ_SRC))
 FUZZ_SECONDS ?= 30
 
-.PHONY: all deps deps-bench tests test run bench fuzz lint format clean
+build/fuzz/fuzz/%: tests/fuzz/%.c build/fuzz/lib/libcommon.a
+	@mkdir -p $(@D)
+	$(CC) $(CFLAGS) -c -o $@.o $<
+	$(CXX) $(LDFLAGS) -fsanitize=fuzzer -o $@ $@.o build/fuzz/lib/libcommon.a $(LIBS)
+
+.PHONY: all deps deps-bench tests test run bench fuzz fuzz-bins lint format clean
 all: $(LIBCOMMON) $(LIBGPU) $(SERVICE_BINS) $(TOOL_BINS)
 tests: all $(TEST_BINS)
 
@@ -170,27 +183,21 @@ bench: deps-bench
 	+$(MAKE) MODE=release all
 	sh tests/bench/run.sh build/release
 
-build/fuzz/%: tests/fuzz/%.c
-	+$(MAKE) MODE=fuzz-lib $(BUILD_FUZZ_LIB)
-	@mkdir -p $(@D)
-	clang -std=gnu11 -D_GNU_SOURCE -g -O1 -fsanitize=fuzzer,address,undefined $(INCS) \
-		-o $@ $< $(wildcard tests/fuzz/$*.support.c) \
-		build/fuzz-lib/lib/libcommon.a $(LIBS) -lstdc++
-
 fuzz: deps
-	+$(MAKE) MODE=fuzz-lib CC=clang CXX=clang++ \
-		OPT="-O1 -g -fsanitize=address,undefined,fuzzer-no-link" build/fuzz-lib/lib/libcommon.a
-	+$(MAKE) $(FUZZ_BINS)
-	sh tests/fuzz/run.sh $(FUZZ_SECONDS)
+	+$(MAKE) MODE=fuzz fuzz-bins
+	sh tests/fuzz/run.sh build/fuzz/fuzz $(FUZZ_SECONDS)
+
+fuzz-bins: $(FUZZ_BINS)
 
 C_FILES = $(shell git ls-files '*.c' '*.h' '*.cc' '*.cu')
-lint:
+TIDY_INCS := $(INCS) $(foreach s,$(SERVICES),-Iservices/$(s)) -Itests/support
+lint: $(BUILD)/gen/lc_migrations.c
 	clang-format --dry-run --Werror $(C_FILES)
 	cppcheck --quiet --error-exitcode=1 --enable=warning,portability --inline-suppr \
-		--suppress=missingIncludeSystem -Ilibcommon/include -Igpu \
+		--suppress=missingIncludeSystem -D__CPPCHECK__ -Ilibcommon/include -Igpu \
 		libcommon services gpu deploy/dev
-	clang-tidy --quiet $(filter %.c,$(C_FILES)) -- -std=gnu11 -D_GNU_SOURCE $(INCS) \
-		-I$(BUILD)/gen
+	clang-tidy --quiet $(filter-out tests/%,$(filter %.c,$(C_FILES))) -- -std=gnu11 \
+		-D_GNU_SOURCE $(TIDY_INCS)
 
 format:
 	clang-format -i $(C_FILES)

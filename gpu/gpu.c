@@ -187,8 +187,9 @@ lc_rc gpu_vol_upload(gpu_ctx *ctx, gpu_dtype dtype, const void *host, size_t nx,
     gpu_vol *v = NULL;
     lc_rc rc;
 
-    if (out)
-        *out = NULL;
+    if (!out)
+        return lc_err_set(err, LC_ERR_INVALID, "gpu_vol_upload: out is NULL");
+    *out = NULL;
     if (!host)
         return lc_err_set(err, LC_ERR_INVALID, "gpu_vol_upload: host buffer is NULL");
     rc = vol_alloc(ctx, dtype, nx, ny, nz, 0, &v, err);

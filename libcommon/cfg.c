@@ -44,11 +44,24 @@ lc_rc lc_cfg_parse_bytes(const char *s, long long *out)
     unsigned long long mul = 1;
     if (*end) {
         switch (*end) {
-        case 'k': case 'K': mul = 1ULL << 10; break;
-        case 'm': case 'M': mul = 1ULL << 20; break;
-        case 'g': case 'G': mul = 1ULL << 30; break;
-        case 't': case 'T': mul = 1ULL << 40; break;
-        default: return LC_ERR_INVALID;
+        case 'k':
+        case 'K':
+            mul = 1ULL << 10;
+            break;
+        case 'm':
+        case 'M':
+            mul = 1ULL << 20;
+            break;
+        case 'g':
+        case 'G':
+            mul = 1ULL << 30;
+            break;
+        case 't':
+        case 'T':
+            mul = 1ULL << 40;
+            break;
+        default:
+            return LC_ERR_INVALID;
         }
         end++;
         /* accept "K", "KB", "KiB" */
@@ -201,8 +214,8 @@ static lc_rc load_var(const lc_cfg_var *v, void *base, char *why, size_t whycap)
             }
         }
         if (!in_range(v, (double)x)) {
-            snprintf(why, whycap, "invalid value for %s: %lld is outside [%.0f, %.0f]", v->name,
-                     x, v->min, v->max);
+            snprintf(why, whycap, "invalid value for %s: %lld is outside [%.0f, %.0f]", v->name, x,
+                     v->min, v->max);
             rc = LC_ERR_CONFIG;
             goto out;
         }

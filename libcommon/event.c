@@ -21,53 +21,80 @@ typedef struct type_rule {
     const field_rule *fields;
 } type_rule;
 
-static const field_rule instance_stored[] = {
-    {"study_instance_uid", T_STR}, {"series_instance_uid", T_STR}, {"sop_instance_uid", T_STR},
-    {"url", T_STR}, {"size", T_INT}, {"sha256", T_STR}, {NULL, 0}};
-static const field_rule study_completed[] = {
-    {"study_instance_uid", T_STR}, {"version", T_INT}, {"amended", T_BOOL},
-    {"num_series", T_INT}, {"num_instances", T_INT}, {"series", T_ARR}, {NULL, 0}};
-static const field_rule job_event[] = {
-    {"job_id", T_UUID}, {"study_instance_uid", T_STR}, {"kind", T_STR}, {"params", T_OBJ},
-    {"attempt", T_INT}, {NULL, 0}};
-static const field_rule job_status[] = {
-    {"job_id", T_UUID}, {"study_instance_uid", T_STR}, {"kind", T_STR}, {"state", T_STR},
-    {"attempt", T_INT}, {NULL, 0}};
+static const field_rule instance_stored[] = {{"study_instance_uid", T_STR},
+                                             {"series_instance_uid", T_STR},
+                                             {"sop_instance_uid", T_STR},
+                                             {"url", T_STR},
+                                             {"size", T_INT},
+                                             {"sha256", T_STR},
+                                             {NULL, 0}};
+static const field_rule study_completed[] = {{"study_instance_uid", T_STR},
+                                             {"version", T_INT},
+                                             {"amended", T_BOOL},
+                                             {"num_series", T_INT},
+                                             {"num_instances", T_INT},
+                                             {"series", T_ARR},
+                                             {NULL, 0}};
+static const field_rule job_event[] = {{"job_id", T_UUID}, {"study_instance_uid", T_STR},
+                                       {"kind", T_STR},    {"params", T_OBJ},
+                                       {"attempt", T_INT}, {NULL, 0}};
+static const field_rule job_status[] = {{"job_id", T_UUID}, {"study_instance_uid", T_STR},
+                                        {"kind", T_STR},    {"state", T_STR},
+                                        {"attempt", T_INT}, {NULL, 0}};
 static const field_rule dlq[] = {
-    {"topic", T_STR}, {"partition", T_INT}, {"offset", T_INT}, {"service", T_STR},
-    {"error", T_STR}, {"payload", T_STR}, {"payload_encoding", T_STR}, {NULL, 0}};
+    {"topic", T_STR}, {"partition", T_INT}, {"offset", T_INT},           {"service", T_STR},
+    {"error", T_STR}, {"payload", T_STR},   {"payload_encoding", T_STR}, {NULL, 0}};
 
 static const type_rule type_rules[] = {
-    {LC_EV_INSTANCE_STORED, instance_stored}, {LC_EV_STUDY_COMPLETED, study_completed},
-    {LC_EV_JOB_UPLOAD, job_event},            {LC_EV_JOB_SEGMENT, job_event},
-    {LC_EV_JOB_STATUS, job_status},           {LC_EV_DLQ, dlq},
+    {LC_EV_INSTANCE_STORED, instance_stored},
+    {LC_EV_STUDY_COMPLETED, study_completed},
+    {LC_EV_JOB_UPLOAD, job_event},
+    {LC_EV_JOB_SEGMENT, job_event},
+    {LC_EV_JOB_STATUS, job_status},
+    {LC_EV_DLQ, dlq},
 };
 
 static const char *type_word(int t)
 {
     switch (t) {
-    case T_STR: return "a string";
-    case T_INT: return "an integer";
-    case T_NUM: return "a number";
-    case T_BOOL: return "a boolean";
-    case T_OBJ: return "an object";
-    case T_ARR: return "an array";
-    case T_UUID: return "a UUID string";
-    default: return "a value";
+    case T_STR:
+        return "a string";
+    case T_INT:
+        return "an integer";
+    case T_NUM:
+        return "a number";
+    case T_BOOL:
+        return "a boolean";
+    case T_OBJ:
+        return "an object";
+    case T_ARR:
+        return "an array";
+    case T_UUID:
+        return "a UUID string";
+    default:
+        return "a value";
     }
 }
 
 static int has_type(const cJSON *v, int t)
 {
     switch (t) {
-    case T_STR: return cJSON_IsString(v) && v->valuestring[0];
-    case T_INT: return cJSON_IsNumber(v) && v->valuedouble == (double)(long long)v->valuedouble;
-    case T_NUM: return cJSON_IsNumber(v);
-    case T_BOOL: return cJSON_IsBool(v);
-    case T_OBJ: return cJSON_IsObject(v);
-    case T_ARR: return cJSON_IsArray(v);
-    case T_UUID: return cJSON_IsString(v) && lc_uuid_valid(v->valuestring);
-    default: return 0;
+    case T_STR:
+        return cJSON_IsString(v) && v->valuestring[0];
+    case T_INT:
+        return cJSON_IsNumber(v) && v->valuedouble == (double)(long long)v->valuedouble;
+    case T_NUM:
+        return cJSON_IsNumber(v);
+    case T_BOOL:
+        return cJSON_IsBool(v);
+    case T_OBJ:
+        return cJSON_IsObject(v);
+    case T_ARR:
+        return cJSON_IsArray(v);
+    case T_UUID:
+        return cJSON_IsString(v) && lc_uuid_valid(v->valuestring);
+    default:
+        return 0;
     }
 }
 
@@ -84,8 +111,8 @@ lc_rc lc_event_validate_data(const char *type, const cJSON *data, lc_err *err)
                 return lc_err_set(err, LC_ERR_INVALID, "event %s: data.%s is missing", type,
                                   f->name);
             if (!has_type(v, f->type))
-                return lc_err_set(err, LC_ERR_INVALID, "event %s: data.%s is not %s", type,
-                                  f->name, type_word(f->type));
+                return lc_err_set(err, LC_ERR_INVALID, "event %s: data.%s is not %s", type, f->name,
+                                  type_word(f->type));
         }
         break;
     }

@@ -59,8 +59,8 @@ static int kind_topic(const char *kind, lc_topic *t, const char **type)
 
 /* The job.<kind> event that wakes a worker. params_json: the job's params as JSON text. */
 static lc_rc emit_job(lc_db *db, const char *prefix, const char *source, const char *id,
-                      const char *kind, const char *study_uid, const char *params_json,
-                      int attempt, lc_err *err)
+                      const char *kind, const char *study_uid, const char *params_json, int attempt,
+                      lc_err *err)
 {
     lc_topic t;
     const char *type;
@@ -247,8 +247,8 @@ static lc_rc claim_tx(lc_db *db, void *arg, lc_err *err)
         lc_job_free(job);
         return lc_err_set(err, LC_ERR_NOMEM, "out of memory");
     }
-    rc = emit_status(db, c->w->prefix, c->w->source, job->id, job->kind, job->study_uid,
-                     "running", job->attempts, NULL, NULL, NULL, err);
+    rc = emit_status(db, c->w->prefix, c->w->source, job->id, job->kind, job->study_uid, "running",
+                     job->attempts, NULL, NULL, NULL, err);
     if (rc != LC_OK) {
         lc_job_free(job);
         return rc;
@@ -258,8 +258,7 @@ static lc_rc claim_tx(lc_db *db, void *arg, lc_err *err)
     return LC_OK;
 }
 
-lc_rc lc_job_claim(lc_db *db, const lc_job_worker *w, const char *job_id, lc_job **out,
-                   lc_err *err)
+lc_rc lc_job_claim(lc_db *db, const lc_job_worker *w, const char *job_id, lc_job **out, lc_err *err)
 {
     claim_ctx c = {w, job_id, NULL};
     *out = NULL;
@@ -317,9 +316,8 @@ static lc_rc progress_tx(lc_db *db, void *arg, lc_err *err)
     PQclear(res);
     if (n != 1)
         return explain_miss(db, c->job->id, "record progress of", err);
-    return emit_status(db, c->w->prefix, c->w->source, c->job->id, c->job->kind,
-                       c->job->study_uid, "running", c->job->attempts, c->progress, NULL, NULL,
-                       err);
+    return emit_status(db, c->w->prefix, c->w->source, c->job->id, c->job->kind, c->job->study_uid,
+                       "running", c->job->attempts, c->progress, NULL, NULL, err);
 }
 
 lc_rc lc_job_progress(lc_db *db, const lc_job_worker *w, const lc_job *job, const cJSON *progress,
@@ -403,8 +401,8 @@ static lc_rc succeed_tx(lc_db *db, void *arg, lc_err *err)
     if ((rc = artifacts_json(db, c->job->id, &arts, err)) != LC_OK)
         return rc;
     lc_strlcpy(c->state, "succeeded", sizeof(c->state));
-    return emit_status(db, c->w->prefix, c->w->source, c->job->id, c->job->kind,
-                       c->job->study_uid, "succeeded", c->job->attempts, NULL, NULL, arts, err);
+    return emit_status(db, c->w->prefix, c->w->source, c->job->id, c->job->kind, c->job->study_uid,
+                       "succeeded", c->job->attempts, NULL, NULL, arts, err);
 }
 
 lc_rc lc_job_succeed(lc_db *db, const lc_job_worker *w, const lc_job *job, const cJSON *result,
@@ -454,15 +452,15 @@ static lc_rc fail_tx(lc_db *db, void *arg, lc_err *err)
     }
     lc_strlcpy(c->state, PQgetvalue(res, 0, 0), sizeof(c->state));
     PQclear(res);
-    return emit_status(db, c->w->prefix, c->w->source, c->job->id, c->job->kind,
-                       c->job->study_uid, c->state, c->job->attempts, NULL, c->error, NULL, err);
+    return emit_status(db, c->w->prefix, c->w->source, c->job->id, c->job->kind, c->job->study_uid,
+                       c->state, c->job->attempts, NULL, c->error, NULL, err);
 }
 
 lc_rc lc_job_fail(lc_db *db, const lc_job_worker *w, const lc_job *job, const char *error,
                   int transient, lc_err *err)
 {
-    finish_ctx c = {.w = w, .job = job, .error = error ? error : "unknown error",
-                    .transient = transient};
+    finish_ctx c = {
+        .w = w, .job = job, .error = error ? error : "unknown error", .transient = transient};
     lc_rc rc = lc_db_tx(db, 3, fail_tx, &c, err);
     if (rc == LC_OK)
         lc_log_warn("job failed", LC_LS("job_id", job->id), LC_LS("kind", job->kind),
@@ -495,8 +493,8 @@ static lc_rc release_tx(lc_db *db, void *arg, lc_err *err)
     PQclear(res);
     if (rc != LC_OK)
         return rc;
-    return emit_status(db, c->w->prefix, c->w->source, c->job->id, c->job->kind,
-                       c->job->study_uid, "queued", attempts, NULL, NULL, NULL, err);
+    return emit_status(db, c->w->prefix, c->w->source, c->job->id, c->job->kind, c->job->study_uid,
+                       "queued", attempts, NULL, NULL, NULL, err);
 }
 
 lc_rc lc_job_release(lc_db *db, const lc_job_worker *w, const lc_job *job, lc_err *err)
@@ -515,8 +513,7 @@ typedef struct reconcile_ctx {
 
 /* For each returned row (id, kind, study_uid, params, attempts, state): the job event when
  * queued and the status event. */
-static lc_rc publish_rows(lc_db *db, reconcile_ctx *c, PGresult *res, const char *why,
-                          lc_err *err)
+static lc_rc publish_rows(lc_db *db, reconcile_ctx *c, PGresult *res, const char *why, lc_err *err)
 {
     for (int i = 0; i < PQntuples(res); i++) {
         const char *id = PQgetvalue(res, i, 0), *kind = PQgetvalue(res, i, 1);
@@ -533,8 +530,8 @@ static lc_rc publish_rows(lc_db *db, reconcile_ctx *c, PGresult *res, const char
                          PQgetisnull(res, i, 6) ? NULL : PQgetvalue(res, i, 6), NULL, err);
         if (rc != LC_OK)
             return rc;
-        lc_log_info("reconciler", LC_LS("action", why), LC_LS("job_id", id),
-                    LC_LS("kind", kind), LC_LS("state", state));
+        lc_log_info("reconciler", LC_LS("action", why), LC_LS("job_id", id), LC_LS("kind", kind),
+                    LC_LS("state", state));
     }
     return LC_OK;
 }

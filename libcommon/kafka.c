@@ -212,8 +212,7 @@ lc_rc lc_kafka_producer_new(const lc_kafka_conf *conf, lc_kafka_producer **out, 
     /* A short linger batches an outbox relay's burst into few requests. Messages time out
      * (8 s) before the relay stops waiting for a batch (10 s), so every batch gets a final
      * answer and a broker outage never leaves old copies queued behind a retried round. */
-    static const char *const defaults[] = {"linger.ms", "5", "message.timeout.ms", "8000",
-                                           NULL};
+    static const char *const defaults[] = {"linger.ms", "5", "message.timeout.ms", "8000", NULL};
     if ((rc = conf_new(conf, defaults, &kc, err)) != LC_OK)
         goto out;
     /* The outbox relies on these: no duplicates or reordering from internal retries, and an
@@ -383,8 +382,8 @@ lc_rc lc_kafka_consumer_new(const lc_kafka_conf *conf, const char *group_id, con
         return lc_err_set(err, LC_ERR_INVALID, "kafka consumer needs a group id and topics");
     /* A member that dies is noticed after 10 s (librdkafka's default is 45 s, and the mock
      * broker makes a rejoining member wait out the whole session timeout). */
-    static const char *const defaults[] = {"session.timeout.ms", "10000",
-                                           "heartbeat.interval.ms", "3000", NULL};
+    static const char *const defaults[] = {"session.timeout.ms", "10000", "heartbeat.interval.ms",
+                                           "3000", NULL};
     if ((rc = conf_new(conf, defaults, &kc, err)) != LC_OK)
         goto out;
     /* Offsets move only through the explicit commit after a successful batch; a new group

@@ -50,8 +50,8 @@ typedef struct out {
     int truncated;
 } out;
 
-#define VALUE_MAX 2048           /* longest escaped string value kept */
-#define RESERVE 24               /* room kept for ,"truncated":true} */
+#define VALUE_MAX 2048 /* longest escaped string value kept */
+#define RESERVE   24   /* room kept for ,"truncated":true} */
 
 /* Escape s as JSON string contents into dst (cap bytes, NUL-terminated), stopping before a
  * character that would not fit and marking the cut with "..."; never splits an escape or a
@@ -64,11 +64,26 @@ static size_t escape(char *dst, size_t cap, const char *s)
         char tmp[8];
         size_t k = 0, adv = 1;
         switch (*p) {
-        case '"': tmp[k++] = '\\'; tmp[k++] = '"'; break;
-        case '\\': tmp[k++] = '\\'; tmp[k++] = '\\'; break;
-        case '\n': tmp[k++] = '\\'; tmp[k++] = 'n'; break;
-        case '\r': tmp[k++] = '\\'; tmp[k++] = 'r'; break;
-        case '\t': tmp[k++] = '\\'; tmp[k++] = 't'; break;
+        case '"':
+            tmp[k++] = '\\';
+            tmp[k++] = '"';
+            break;
+        case '\\':
+            tmp[k++] = '\\';
+            tmp[k++] = '\\';
+            break;
+        case '\n':
+            tmp[k++] = '\\';
+            tmp[k++] = 'n';
+            break;
+        case '\r':
+            tmp[k++] = '\\';
+            tmp[k++] = 'r';
+            break;
+        case '\t':
+            tmp[k++] = '\\';
+            tmp[k++] = 't';
+            break;
         default:
             if (*p < 0x20) {
                 memcpy(tmp, "\\u00", 4);

@@ -14,8 +14,7 @@ static const char insert_sql[] =
     "WITH i AS (INSERT INTO outbox (topic, key, payload) VALUES ($1, $2, $3) RETURNING id) "
     "SELECT pg_notify('radpipe_outbox', '') FROM i";
 
-lc_rc lc_outbox_add(lc_db *db, const char *topic, const char *key, const char *payload,
-                    lc_err *err)
+lc_rc lc_outbox_add(lc_db *db, const char *topic, const char *key, const char *payload, lc_err *err)
 {
     const char *params[3] = {topic, key, payload};
     lc_rc rc = lc_db_exec(db, insert_sql, 3, params, NULL, err);

@@ -62,7 +62,7 @@ lc_rc lc_err_setv(lc_err *err, lc_rc rc, const char *fmt, va_list ap)
     return rc;
 }
 
-lc_rc lc_err_set(lc_err *err, lc_rc rc, const char *fmt, ...)
+lc_rc(lc_err_set)(lc_err *err, lc_rc rc, const char *fmt, ...)
 {
     va_list ap;
     va_start(ap, fmt);

@@ -211,7 +211,7 @@ lc_rc lc_service_init(lc_service *s, const lc_service_def *def, lc_err *err)
     if (!(s->metrics = lc_metrics_new()))
         return lc_err_set(err, LC_ERR_NOMEM, "out of memory");
     if ((def->needs & LC_SVC_ADMIN) && s->cfg.admin_listen[0]) {
-        if ((rc = lc_admin_start(s->cfg.admin_listen, s->metrics, &s->admin, err)) != LC_OK)
+        if (lc_admin_start(s->cfg.admin_listen, s->metrics, &s->admin, err) != LC_OK)
             return lc_err_wrap(err, "could not start the admin listener on \"%s\"",
                                s->cfg.admin_listen);
     }

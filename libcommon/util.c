@@ -38,7 +38,8 @@ void lc_uuid_v4(char out[LC_UUID_LEN + 1])
         /* getrandom cannot fail on Linux >= 3.17 once the pool is ready; fall back anyway */
         struct timespec ts;
         clock_gettime(CLOCK_REALTIME, &ts);
-        unsigned long long x = (unsigned long long)ts.tv_nsec ^ ((unsigned long long)getpid() << 32);
+        unsigned long long x =
+            (unsigned long long)ts.tv_nsec ^ ((unsigned long long)getpid() << 32);
         for (int i = 0; i < 16; i++)
             b[i] = (unsigned char)(x >> ((i % 8) * 8)) ^ (unsigned char)(i * 73);
     }

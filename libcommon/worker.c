@@ -72,9 +72,8 @@ static lc_rc dead_letter(worker_ctx *c, const lc_kafka_msg *m, const char *why, 
     lc_db *db = c->s->db;
     lc_rc rc = lc_db_begin(db, err);
     if (rc == LC_OK)
-        rc = lc_outbox_add_dlq(db, c->s->cfg.topic_prefix, c->s->def->name, m->topic,
-                               m->partition, m->offset, m->key, m->key_len, m->payload, m->len,
-                               why, err);
+        rc = lc_outbox_add_dlq(db, c->s->cfg.topic_prefix, c->s->def->name, m->topic, m->partition,
+                               m->offset, m->key, m->key_len, m->payload, m->len, why, err);
     if (rc == LC_OK)
         rc = lc_db_commit(db, err);
     else

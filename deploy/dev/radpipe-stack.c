@@ -551,7 +551,8 @@ static lc_rc check_pg_access(stack *s, lc_err *err)
     if (mkdir(s->pg_dir, 0700) != 0 && errno != EEXIST)
         return lc_err_set(err, LC_ERR_IO, "could not create directory \"%s\": %s", s->pg_dir,
                           strerror(errno));
-    if ((rc = chown_pg(s, s->pg_dir, err)) != LC_OK || (rc = chown_pg(s, s->sock_dir, err)) != LC_OK)
+    if ((rc = chown_pg(s, s->pg_dir, err)) != LC_OK ||
+        (rc = chown_pg(s, s->sock_dir, err)) != LC_OK)
         return rc;
     /* VAR/pg: replace the empty directory make_layout created by a pointer to the data */
     struct stat st;
@@ -1027,8 +1028,7 @@ static lc_rc run_initdb(stack *s, lc_err *err)
     char *argv[] = {prog, "-D",   s->pg_dir,          "-U", "radpipe", "--auth=trust",
                     "-E", "UTF8", "--locale=C.UTF-8", NULL};
     lc_log_info("initialising the database cluster", LC_LS("path", s->pg_dir), LC_LS("log", log));
-    spawn_spec sp = {
-        .argv = argv, .log_path = log, .cwd = "/", .as_pg = 1, .pdeath_sig = SIGTERM};
+    spawn_spec sp = {.argv = argv, .log_path = log, .cwd = "/", .as_pg = 1, .pdeath_sig = SIGTERM};
     pid_t pid = spawn(s, &sp, err);
     if (pid < 0)
         return LC_ERR_IO;

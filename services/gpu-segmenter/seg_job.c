@@ -16,8 +16,7 @@
 #define OFF(f) offsetof(seg_cfg, f)
 const lc_cfg_var seg_cfg_vars[] = {
     {"RADPIPE_GPU_BACKEND", LC_CFG_ENUM, "auto", 0, -1, 0, "auto|cpu|cuda",
-     "segmentation backend: auto uses CUDA when a device answers, else the CPU",
-     OFF(gpu_backend)},
+     "segmentation backend: auto uses CUDA when a device answers, else the CPU", OFF(gpu_backend)},
     {"RADPIPE_GPU_DEVICE", LC_CFG_INT, "0", 0, 63, 0, NULL, "CUDA device index", OFF(gpu_device)},
     {"RADPIPE_SEG_THREADS", LC_CFG_INT, "0", 0, 1024, 0, NULL,
      "threads of the CPU backend, 0 = one per online CPU", OFF(cpu_threads)},
@@ -37,9 +36,9 @@ lc_rc seg_init(seg_ctx *c, lc_service *svc, const seg_cfg *cfg, lc_err *err)
     rc = gpu_ctx_new(want, (int)cfg->gpu_device, (int)cfg->cpu_threads, &c->gpu, err);
     if (rc != LC_OK)
         return rc;
-    c->seconds = lc_metrics_histogram(svc->metrics, "radpipe_segment_seconds",
-                                      "segmentation time per job, by stage", "stage=\"total\"",
-                                      NULL, 0);
+    c->seconds =
+        lc_metrics_histogram(svc->metrics, "radpipe_segment_seconds",
+                             "segmentation time per job, by stage", "stage=\"total\"", NULL, 0);
     lc_log_info("segmentation backend ready", LC_LS("backend", gpu_ctx_describe(c->gpu)));
     return LC_OK;
 }
@@ -157,8 +156,7 @@ lc_rc seg_job(void *ctx, lc_worker_job *j, cJSON **result, lc_err *err)
         (rc = gpu_otsu_threshold(c->gpu, gin, p.nbins, &thr, err)) != LC_OK ||
         (rc = gpu_vol_new(c->gpu, GPU_U8, v->nx, v->ny, v->nz, &gmask, err)) != LC_OK ||
         /* foreground is strictly above the threshold, as scikit-image's `image > t` */
-        (rc = gpu_threshold(c->gpu, gin, nextafterf(thr, INFINITY), INFINITY, gmask, err)) !=
-            LC_OK)
+        (rc = gpu_threshold(c->gpu, gin, nextafterf(thr, INFINITY), INFINITY, gmask, err)) != LC_OK)
         goto out;
     if (!(mask = malloc(n))) {
         rc = lc_err_set(err, LC_ERR_NOMEM, "out of memory");
@@ -194,8 +192,7 @@ lc_rc seg_job(void *ctx, lc_worker_job *j, cJSON **result, lc_err *err)
         rc = lc_err_set(err, LC_ERR_NOMEM, "out of memory");
         goto out;
     }
-    if ((rc = put_artifact(c, j, "mask.raw", mask, n, "application/octet-stream", err)) !=
-            LC_OK ||
+    if ((rc = put_artifact(c, j, "mask.raw", mask, n, "application/octet-stream", err)) != LC_OK ||
         (rc = put_artifact(c, j, "mask.json", meta_txt, strlen(meta_txt), "application/json",
                            err)) != LC_OK)
         goto out;

@@ -180,11 +180,12 @@ lc_rc seg_volume_load(lc_db *db, lc_store *store, const char *series_uid, lc_wor
         goto out;
     }
     v->data = malloc(plane * v->nz * sizeof(float));
-    v->nsop = (size_t)n;
     v->sop_uids = calloc((size_t)n, sizeof(char *));
+    if (v->sop_uids)
+        v->nsop = (size_t)n; /* seg_volume_free walks nsop entries */
     if (!v->data || !v->sop_uids) {
-        rc = lc_err_set(err, LC_ERR_NOMEM, "out of memory for a %zux%zux%zu volume", v->nx,
-                        v->ny, v->nz);
+        rc = lc_err_set(err, LC_ERR_NOMEM, "out of memory for a %zux%zux%zu volume", v->nx, v->ny,
+                        v->nz);
         goto out;
     }
     for (int i = 0; i < n; i++) {

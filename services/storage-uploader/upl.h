@@ -15,9 +15,9 @@ typedef struct upl_cfg {
 } upl_cfg;
 
 typedef struct upl_ctx {
-    lc_service *svc;      /* borrowed */
-    const upl_cfg *cfg;   /* borrowed */
-    lc_store *archive;    /* owned */
+    lc_service *svc;    /* borrowed */
+    const upl_cfg *cfg; /* borrowed */
+    lc_store *archive;  /* owned */
     lc_counter *bytes, *objects;
 } upl_ctx;
 

@@ -72,8 +72,8 @@ static lc_rc throttle(copy_state *cs)
     }
 }
 
-static lc_rc copy_object(copy_state *cs, const char *src_key, const char *dst_key,
-                         long long *bytes, lc_err *err)
+static lc_rc copy_object(copy_state *cs, const char *src_key, const char *dst_key, long long *bytes,
+                         lc_err *err)
 {
     lc_rc rc;
     char *path = NULL;
@@ -157,8 +157,7 @@ lc_rc upl_job(void *ctx, lc_worker_job *j, cJSON **result, lc_err *err)
         char key[512];
         long long bytes = 0;
         if (lc_worker_job_should_stop(j)) {
-            rc = lc_err_set(err, LC_ERR_CANCELLED, "upload cancelled after %d of %d objects", i,
-                            n);
+            rc = lc_err_set(err, LC_ERR_CANCELLED, "upload cancelled after %d of %d objects", i, n);
             goto out;
         }
         snprintf(key, sizeof(key), "%s/%s/%s.dcm", j->job->study_uid, PQgetvalue(res, i, 1),

@@ -33,12 +33,12 @@
 #include "ts.h"
 #include "ts_proc.h"
 
-#define STUDY "1.2.826.0.1.3680043.9.7001"
+#define STUDY    "1.2.826.0.1.3680043.9.7001"
 #define SERIES_A STUDY ".1"
 #define SERIES_B STUDY ".2"
 #define SERIES_C STUDY ".3"
-#define NA 60
-#define NB 40
+#define NA       60
+#define NB       40
 
 static ts_stack st;
 static lc_db *db;
@@ -47,9 +47,9 @@ static char *dir_a, *dir_b, *dir_c;
 
 /* Shared settings: short leases, a fast reconciler, quick consumer-group turnover. */
 static const char *const worker_env[] = {
-    "RADPIPE_JOB_LEASE_SECONDS=3", "RADPIPE_RECONCILE_INTERVAL_SECONDS=1",
+    "RADPIPE_JOB_LEASE_SECONDS=3",       "RADPIPE_RECONCILE_INTERVAL_SECONDS=1",
     "RADPIPE_REPUBLISH_AFTER_SECONDS=5", "RADPIPE_KAFKA_OPTIONS=session.timeout.ms=6000",
-    "RADPIPE_DRAIN_SECONDS=1", NULL};
+    "RADPIPE_DRAIN_SECONDS=1",           NULL};
 
 static pid_t start(const char *name, int admin_port, const char *const extra[])
 {
@@ -121,8 +121,8 @@ static void expect_sql(const char *sql, const char *param, const char *want, int
         lc_strlcpy(got, v, sizeof(got));
         free(v);
         ts_stack_dump_log(&st);
-        fail_msg("%s [%s]: got \"%s\", expected \"%s\" within %d s", sql, param ? param : "",
-                 got, want, timeout_s);
+        fail_msg("%s [%s]: got \"%s\", expected \"%s\" within %d s", sql, param ? param : "", got,
+                 want, timeout_s);
     }
 }
 
@@ -131,8 +131,8 @@ static void create_job(const char *kind, char id[37])
     lc_err e;
     int created = 0;
     assert_int_equal(lc_db_begin(db, &e), LC_OK);
-    assert_int_equal(lc_job_create(db, "radpipe.", "/radpipe/test", kind, STUDY, NULL, NULL, 5,
-                                   id, &created, &e),
+    assert_int_equal(lc_job_create(db, "radpipe.", "/radpipe/test", kind, STUDY, NULL, NULL, 5, id,
+                                   &created, &e),
                      LC_OK);
     assert_int_equal(lc_db_commit(db, &e), LC_OK);
     assert_int_equal(created, 1);
@@ -358,12 +358,13 @@ static void test_sigterm_gateway_mid_upload(void **state)
              hd->study_instance_uid, hd->series_instance_uid, hd->sop_instance_uid);
     struct stat sb;
     if (stat(path, &sb) == 0) {
-        assert_int_equal(sp.code, 202);
+        /* stored: whole and byte-identical. The answer may still have been lost to the
+         * shutdown; a client retrying the same instance just replaces it. */
         assert_int_equal(lc_sha256_file_hex(path, a, NULL, &e), LC_OK);
         assert_int_equal(lc_sha256_file_hex(files[0], b, NULL, &e), LC_OK);
         assert_string_equal(a, b);
     } else {
-        assert_true(sp.code != 202);
+        assert_true(sp.code != 202); /* never "accepted" without the object */
     }
     fprintf(stderr, "in-flight upload ended with %ld\n", sp.code);
     char **spool_files = NULL;

@@ -185,8 +185,7 @@ static void test_pipeline(void **state)
                      nfiles);
     assert_int_equal(count(pg, "SELECT count(*) FROM instances", NULL), nfiles);
     assert_int_equal(count(pg, "SELECT count(*) FROM studies", NULL), 1);
-    assert_int_equal(count(pg, "SELECT num_instances FROM studies WHERE study_uid = $1",
-                           study_uid),
+    assert_int_equal(count(pg, "SELECT num_instances FROM studies WHERE study_uid = $1", study_uid),
                      nfiles);
     assert_int_equal(count(pg, "SELECT count(*) FROM quarantine", NULL), 0);
 
@@ -248,9 +247,8 @@ static void test_pipeline(void **state)
     assert_int_equal(cJSON_GetObjectItem(data, "num_instances")->valueint, nfiles);
     cJSON_Delete(ev);
     free(ev_txt);
-    const char *all[] = {"radpipe.instance.stored", "radpipe.study.completed",
-                         "radpipe.job.upload",      "radpipe.job.segment",
-                         "radpipe.job.status",      NULL};
+    const char *all[] = {"radpipe.instance.stored", "radpipe.study.completed", "radpipe.job.upload",
+                         "radpipe.job.segment",     "radpipe.job.status",      NULL};
     snprintf(out, sizeof(out), "%s/all-events.jsonl", st.var);
     n = ts_kafka_dump(st.brokers, all, out, 3000, 60000);
     /* instances, the completion, two job events, and at least queued/running/succeeded x2 */

@@ -297,14 +297,14 @@ int ts_make_series(const char *src, int n, const char *dir, const char *study_ui
                    const char *series_uid)
 {
     for (int i = 0; i < n; i++) {
-        char *cmd = xasprintf("cp '%s' '%s/slice-%04d.dcm' && dcmodify -nb -q "
-                              "-m '(0020,000D)=%s' -m '(0020,000E)=%s' "
-                              "-m '(0008,0018)=%s.%d' "
-                              "-m '(0020,0013)=%d' -m '(0020,0032)=0\\0\\%d' "
-                              "-m '(0020,0037)=1\\0\\0\\0\\1\\0' "
-                              "'%s/slice-%04d.dcm'",
-                              src, dir, i, study_uid, series_uid, series_uid, i + 1, i + 1, i, dir,
-                              i);
+        char *cmd =
+            xasprintf("cp '%s' '%s/slice-%04d.dcm' && dcmodify -nb -q "
+                      "-m '(0020,000D)=%s' -m '(0020,000E)=%s' "
+                      "-m '(0008,0018)=%s.%d' "
+                      "-m '(0020,0013)=%d' -m '(0020,0032)=0\\0\\%d' "
+                      "-m '(0020,0037)=1\\0\\0\\0\\1\\0' "
+                      "'%s/slice-%04d.dcm'",
+                      src, dir, i, study_uid, series_uid, series_uid, i + 1, i + 1, i, dir, i);
         int rc = ts_run(cmd, NULL);
         free(cmd);
         if (rc != 0)

@@ -50,9 +50,19 @@ int ts_index_file(lc_db *db, lc_store *store, const char *path, char *study_uid)
     fmt_array(ps, sizeof(ps), h->pixel_spacing, 2, h->has_pixel_spacing);
     const char *p1[2] = {h->study_instance_uid, h->modality};
     const char *p2[3] = {h->series_instance_uid, h->study_instance_uid, h->modality};
-    const char *p3[13] = {h->sop_instance_uid, h->series_instance_uid, h->study_instance_uid,
-                          h->sop_class_uid, inum, rows, cols, frames, ipp[0] ? ipp : NULL,
-                          iop[0] ? iop : NULL, ps[0] ? ps : NULL, key, size};
+    const char *p3[13] = {h->sop_instance_uid,
+                          h->series_instance_uid,
+                          h->study_instance_uid,
+                          h->sop_class_uid,
+                          inum,
+                          rows,
+                          cols,
+                          frames,
+                          ipp[0] ? ipp : NULL,
+                          iop[0] ? iop : NULL,
+                          ps[0] ? ps : NULL,
+                          key,
+                          size};
     if (lc_db_exec(db,
                    "INSERT INTO studies (study_uid, modalities, num_series, num_instances) "
                    "VALUES ($1, ARRAY[$2], 0, 0) ON CONFLICT (study_uid) DO NOTHING",
@@ -119,8 +129,8 @@ int ts_index_dir(lc_db *db, lc_store *store, const char *dir, char *study_uid)
     return ok;
 }
 
-lc_job *ts_claimed_job(lc_db *db, const lc_job_worker *w, const char *kind,
-                       const char *study_uid, const char *params_json)
+lc_job *ts_claimed_job(lc_db *db, const lc_job_worker *w, const char *kind, const char *study_uid,
+                       const char *params_json)
 {
     lc_err e;
     char id[37];

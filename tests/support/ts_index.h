@@ -18,7 +18,7 @@ int ts_index_file(lc_db *db, lc_store *store, const char *path, char *study_uid)
 int ts_index_dir(lc_db *db, lc_store *store, const char *dir, char *study_uid);
 /* Create a job of kind for study_uid with params (JSON text, may be NULL) and claim it for w;
  * returns the claimed job or NULL. */
-lc_job *ts_claimed_job(lc_db *db, const lc_job_worker *w, const char *kind,
-                       const char *study_uid, const char *params_json);
+lc_job *ts_claimed_job(lc_db *db, const lc_job_worker *w, const char *kind, const char *study_uid,
+                       const char *params_json);
 
 #endif

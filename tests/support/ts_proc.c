@@ -133,8 +133,7 @@ void ts_stack_dump_log(const ts_stack *st)
     free(buf);
 }
 
-int ts_stack_start(ts_stack *st, const char *const args[], const char *const env[],
-                   int timeout_ms)
+int ts_stack_start(ts_stack *st, const char *const args[], const char *const env[], int timeout_ms)
 {
     char buf[512], *argv[16];
     int argc = 0;

@@ -33,8 +33,7 @@ typedef struct ts_stack {
 /* Start radpipe-stack on a fresh VAR with free ports; args are extra arguments (e.g.
  * "--no-services", may be NULL-terminated empty) and env extra environment. Waits up to
  * timeout_ms for stack.env. Returns 0 on success (fills st), else prints the log and -1. */
-int ts_stack_start(ts_stack *st, const char *const args[], const char *const env[],
-                   int timeout_ms);
+int ts_stack_start(ts_stack *st, const char *const args[], const char *const env[], int timeout_ms);
 /* Send sig (SIGTERM/SIGINT) and wait; returns the wait status (-1 on timeout, then kills). */
 int ts_stack_stop(ts_stack *st, int sig, int timeout_ms);
 /* Print the last bytes of the stack's log to stderr (for failures). */

@@ -18,8 +18,7 @@ typedef struct lc_db lc_db;
 /* Connect to url (libpq URI or key=value string). When the server is unreachable, retries
  * with exponential backoff (100 ms doubling to 5 s) for up to wait_ms, returning early when
  * *stop (may be NULL) becomes non-zero. LC_ERR_UNAVAILABLE if it never answered. */
-lc_rc lc_db_connect(const char *url, int wait_ms, const atomic_int *stop, lc_db **out,
-                    lc_err *err);
+lc_rc lc_db_connect(const char *url, int wait_ms, const atomic_int *stop, lc_db **out, lc_err *err);
 void lc_db_free(lc_db *db);
 
 /* The underlying connection, borrowed (for LISTEN sockets, COPY, pipelining). */
@@ -34,8 +33,8 @@ lc_rc lc_db_ensure(lc_db *db, lc_err *err);
  * returned and err carries the server's message and SQLSTATE; the rc is LC_ERR_UNAVAILABLE
  * for a lost connection, LC_ERR_CONFLICT for serialization/deadlock failures (40001/40P01)
  * and unique violations (23505), LC_ERR_DB otherwise. */
-lc_rc lc_db_exec(lc_db *db, const char *sql, int nparams, const char *const *params,
-                 PGresult **res, lc_err *err);
+lc_rc lc_db_exec(lc_db *db, const char *sql, int nparams, const char *const *params, PGresult **res,
+                 lc_err *err);
 /* The SQLSTATE of the last failed statement on db ("" when none). */
 const char *lc_db_sqlstate(const lc_db *db);
 

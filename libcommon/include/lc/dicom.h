@@ -41,13 +41,13 @@ typedef struct lc_dicom_header {
     int samples_per_pixel, bits_allocated, bits_stored, pixel_representation;
     char *photometric_interpretation;
     int has_ipp, has_iop, has_pixel_spacing, has_slice_thickness;
-    double ipp[3]; /* ImagePositionPatient */
-    double iop[6]; /* ImageOrientationPatient: row cosines then column cosines */
+    double ipp[3];           /* ImagePositionPatient */
+    double iop[6];           /* ImageOrientationPatient: row cosines then column cosines */
     double pixel_spacing[2]; /* row spacing, column spacing (mm) */
     double slice_thickness;
     double rescale_slope, rescale_intercept; /* 1 and 0 when absent */
-    int images_in_acquisition;        /* 0 when absent */
-    int number_of_temporal_positions; /* 0 when absent */
+    int images_in_acquisition;               /* 0 when absent */
+    int number_of_temporal_positions;        /* 0 when absent */
     int has_pixel_data;
 } lc_dicom_header;
 
@@ -62,8 +62,8 @@ void lc_dicom_header_free(lc_dicom_header *h);
 /* Decode the pixel data of a single-sample (grayscale) image into float32 with
  * RescaleSlope/Intercept applied: rows*columns*frames values, frame-major then row-major.
  * LC_ERR_UNSUPPORTED for colour images; LC_ERR_DICOM when decoding fails. Caller frees *out. */
-lc_rc lc_dicom_read_pixels_f32(const char *path, float **out, int *rows, int *columns,
-                               int *frames, lc_err *err);
+lc_rc lc_dicom_read_pixels_f32(const char *path, float **out, int *rows, int *columns, int *frames,
+                               lc_err *err);
 
 /* Decode bytes in charset (the DICOM Specific Character Set value, e.g. "ISO_IR 100",
  * "ISO 2022 IR 6\\ISO 2022 IR 87", or NULL/"" for the default repertoire) to UTF-8. Invalid

@@ -15,10 +15,10 @@
 /* CloudEvents "type" values; the topic of each is in proto/topics.md. */
 #define LC_EV_INSTANCE_STORED "radpipe.instance.stored"
 #define LC_EV_STUDY_COMPLETED "radpipe.study.completed"
-#define LC_EV_JOB_UPLOAD "radpipe.job.upload"
-#define LC_EV_JOB_SEGMENT "radpipe.job.segment"
-#define LC_EV_JOB_STATUS "radpipe.job.status"
-#define LC_EV_DLQ "radpipe.dlq"
+#define LC_EV_JOB_UPLOAD      "radpipe.job.upload"
+#define LC_EV_JOB_SEGMENT     "radpipe.job.segment"
+#define LC_EV_JOB_STATUS      "radpipe.job.status"
+#define LC_EV_DLQ             "radpipe.dlq"
 
 typedef struct lc_event {
     char id[129];  /* a UUID for radpipe's events; any string up to 128 bytes from others */

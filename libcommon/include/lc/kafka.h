@@ -88,9 +88,9 @@ typedef struct lc_kafka_consumer lc_kafka_consumer;
 /* Join consumer group group_id subscribed to the given topics (base enum, prefixed by
  * conf->topic_prefix). max_poll_interval_ms bounds one handler call (librdkafka evicts a
  * member that does not poll for longer); 0 = librdkafka's default. */
-lc_rc lc_kafka_consumer_new(const lc_kafka_conf *conf, const char *group_id,
-                            const lc_topic *topics, size_t ntopics, int max_poll_interval_ms,
-                            lc_kafka_consumer **out, lc_err *err);
+lc_rc lc_kafka_consumer_new(const lc_kafka_conf *conf, const char *group_id, const lc_topic *topics,
+                            size_t ntopics, int max_poll_interval_ms, lc_kafka_consumer **out,
+                            lc_err *err);
 /* Leaves the group (commits nothing further) and frees. Accepts NULL. */
 void lc_kafka_consumer_free(lc_kafka_consumer *c);
 

@@ -39,7 +39,6 @@ lc_rc lc_outbox_relay_start(const char *db_url, lc_kafka_producer *p, lc_metrics
 void lc_outbox_relay_stop(lc_outbox_relay *r, int drain_ms);
 /* Run one relay round on db synchronously (for tests and tools): publishes up to max rows,
  * returns how many were published and deleted. */
-lc_rc lc_outbox_relay_once(lc_db *db, lc_kafka_producer *p, int max, int *published,
-                           lc_err *err);
+lc_rc lc_outbox_relay_once(lc_db *db, lc_kafka_producer *p, int max, int *published, lc_err *err);
 
 #endif

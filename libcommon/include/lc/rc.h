@@ -52,7 +52,13 @@ typedef struct lc_err {
 /* Fill err (may be NULL) with rc and a formatted message; returns rc so callers can write
  * `return lc_err_set(err, LC_ERR_IO, "could not open \"%s\": %s", p, strerror(errno));` */
 lc_rc lc_err_set(lc_err *err, lc_rc rc, const char *fmt, ...) __attribute__((format(printf, 3, 4)));
-lc_rc lc_err_setv(lc_err *err, lc_rc rc, const char *fmt, va_list ap);
+lc_rc lc_err_setv(lc_err *err, lc_rc rc, const char *fmt, va_list ap)
+    __attribute__((format(printf, 3, 0)));
+#ifdef __clang_analyzer__
+/* The analyser does not follow variadic calls: show it that the result is rc, or it assumes
+ * an error path may return LC_OK and reports the callers' out-parameters as unset. */
+#define lc_err_set(err, rc, ...) (lc_err_set((err), (rc), __VA_ARGS__), (rc))
+#endif
 /* Prefix an existing message: "context: previous message"; returns err->rc (LC_OK if NULL). */
 lc_rc lc_err_wrap(lc_err *err, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
 /* The message, or lc_strerror(rc) when no message was set; never NULL. */

@@ -63,9 +63,9 @@ typedef struct lc_service {
     lc_store *store;
     pthread_t sig_thread;
     int sig_thread_started;
-    char **kafka_extra;         /* kconf.extra, parsed from cfg.kafka_options */
-    pthread_mutex_t check_mu;   /* guards check_db */
-    lc_db *check_db;            /* the readiness probe's own connection */
+    char **kafka_extra;       /* kconf.extra, parsed from cfg.kafka_options */
+    pthread_mutex_t check_mu; /* guards check_db */
+    lc_db *check_db;          /* the readiness probe's own connection */
 } lc_service;
 
 /* Handle the common command line: --help prints the summary and every variable with its

@@ -53,8 +53,7 @@ lc_rc lc_store_delete(lc_store *s, const char *key, lc_err *err);
 /* Call fn for every object whose key starts with prefix (may be ""), in no particular order;
  * key is borrowed for the call. A non-zero return from fn stops the listing. */
 typedef int (*lc_store_list_fn)(void *ctx, const char *key, const lc_store_stat *st);
-lc_rc lc_store_list(lc_store *s, const char *prefix, lc_store_list_fn fn, void *ctx,
-                    lc_err *err);
+lc_rc lc_store_list(lc_store *s, const char *prefix, lc_store_list_fn fn, void *ctx, lc_err *err);
 
 /* A local path for an existing object when the backend keeps objects as files (file://),
  * caller frees; LC_ERR_NOT_FOUND when there is none; LC_ERR_UNSUPPORTED for remote backends

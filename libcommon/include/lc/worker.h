@@ -25,9 +25,9 @@ extern const lc_cfg_var lc_worker_cfg_vars[];
 extern const size_t lc_worker_cfg_nvars;
 
 typedef struct lc_worker_job {
-    lc_job *job;         /* borrowed */
-    lc_service *svc;     /* borrowed */
-    lc_db *db;           /* the worker's connection, free for the job function to use */
+    lc_job *job;     /* borrowed */
+    lc_service *svc; /* borrowed */
+    lc_db *db;       /* the worker's connection, free for the job function to use */
     const lc_job_worker *w;
     lc_job_lease *lease;
     int64_t drain_deadline_ms; /* set once stop is requested: lc_now_ms() + drain */

@@ -203,9 +203,9 @@ int main(void)
 {
     lc_log_init("test", LC_LOG_ERROR);
     const struct CMUnitTest tests[] = {
-        cmocka_unit_test(test_defaults),        cmocka_unit_test(test_env_values),
+        cmocka_unit_test(test_defaults),         cmocka_unit_test(test_env_values),
         cmocka_unit_test(test_secret_file_wins), cmocka_unit_test(test_bad_values_all_reported),
-        cmocka_unit_test(test_parse_bytes),     cmocka_unit_test(test_markdown),
+        cmocka_unit_test(test_parse_bytes),      cmocka_unit_test(test_markdown),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

@@ -19,7 +19,8 @@ static cJSON *instance_data(void)
     cJSON_AddStringToObject(d, "sop_instance_uid", "1.2.3.4.5");
     cJSON_AddStringToObject(d, "url", "file:///var/objects/instances/x.dcm");
     cJSON_AddNumberToObject(d, "size", 1234);
-    cJSON_AddStringToObject(d, "sha256", "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855");
+    cJSON_AddStringToObject(d, "sha256",
+                            "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855");
     return d;
 }
 
@@ -28,9 +29,9 @@ static void test_round_trip(void **state)
     (void)state;
     lc_event *ev = NULL, *back = NULL;
     lc_err e;
-    assert_int_equal(lc_event_new(LC_EV_INSTANCE_STORED, "/radpipe/test", "1.2.3",
-                                  instance_data(), &ev, &e),
-                     LC_OK);
+    assert_int_equal(
+        lc_event_new(LC_EV_INSTANCE_STORED, "/radpipe/test", "1.2.3", instance_data(), &ev, &e),
+        LC_OK);
     assert_true(lc_uuid_valid(ev->id));
     char *json = lc_event_to_json(ev);
     assert_non_null(strstr(json, "\"specversion\":\"1.0\""));
@@ -124,8 +125,7 @@ static void test_new_consumes_data_on_error(void **state)
     lc_event *ev = NULL;
     lc_err e;
     /* data is consumed even when creation fails: ASan's leak check proves it */
-    assert_int_equal(lc_event_new(NULL, "/s", NULL, cJSON_CreateObject(), &ev, &e),
-                     LC_ERR_INVALID);
+    assert_int_equal(lc_event_new(NULL, "/s", NULL, cJSON_CreateObject(), &ev, &e), LC_ERR_INVALID);
     assert_int_equal(lc_event_new("t", "/s", NULL, NULL, &ev, &e), LC_OK);
     assert_true(cJSON_IsObject(ev->data));
     lc_event_free(ev);

@@ -85,9 +85,9 @@ static cJSON *take_outbox(fixture *f)
 {
     PGresult *r = NULL;
     lc_err e;
-    assert_int_equal(lc_db_exec(f->db, "DELETE FROM outbox RETURNING id, topic, key, payload", 0,
-                                NULL, &r, &e),
-                     LC_OK);
+    assert_int_equal(
+        lc_db_exec(f->db, "DELETE FROM outbox RETURNING id, topic, key, payload", 0, NULL, &r, &e),
+        LC_OK);
     cJSON *arr = cJSON_CreateArray();
     /* DELETE ... RETURNING does not promise order: sort by id */
     int n = PQntuples(r);
@@ -145,9 +145,9 @@ static void create(fixture *f, const char *kind, const char *dedupe, char id[37]
     lc_err e;
     cJSON *params = cJSON_Parse("{\"algorithm\":\"otsu\"}");
     assert_int_equal(lc_db_begin(f->db, &e), LC_OK);
-    assert_int_equal(lc_job_create(f->db, PREFIX, SOURCE, kind, "1.2.840.1", params, dedupe, 3,
-                                   id, created, &e),
-                     LC_OK);
+    assert_int_equal(
+        lc_job_create(f->db, PREFIX, SOURCE, kind, "1.2.840.1", params, dedupe, 3, id, created, &e),
+        LC_OK);
     assert_int_equal(lc_db_commit(f->db, &e), LC_OK);
     cJSON_Delete(params);
 }
@@ -182,9 +182,9 @@ static void test_create_and_dedupe(void **state)
     cJSON_Delete(evs);
 
     /* unknown kinds are refused before anything is written */
-    assert_int_equal(lc_job_create(f->db, PREFIX, SOURCE, "bake", "1.2", NULL, NULL, 3, id2,
-                                   &created, &e),
-                     LC_ERR_INVALID);
+    assert_int_equal(
+        lc_job_create(f->db, PREFIX, SOURCE, "bake", "1.2", NULL, NULL, 3, id2, &created, &e),
+        LC_ERR_INVALID);
 }
 
 static void test_claim_succeed(void **state)
@@ -243,8 +243,8 @@ static void test_claim_succeed(void **state)
     const char *want[] = {"radpipe.job.status:running", "radpipe.job.status:running",
                           "radpipe.job.status:succeeded"};
     expect_events(evs, want, 3);
-    cJSON *arts = cJSON_GetObjectItem(cJSON_GetObjectItem(cJSON_GetArrayItem(evs, 2), "data"),
-                                      "artifacts");
+    cJSON *arts =
+        cJSON_GetObjectItem(cJSON_GetObjectItem(cJSON_GetArrayItem(evs, 2), "data"), "artifacts");
     assert_int_equal(cJSON_GetArraySize(arts), 1);
     assert_int_equal(cJSON_GetObjectItem(cJSON_GetArrayItem(arts, 0), "size")->valueint, 2048);
     cJSON_Delete(evs);
@@ -304,8 +304,7 @@ static void test_fail_retry_dead(void **state)
     /* a permanent error is dead at once */
     create(f, "segment", NULL, id, &created);
     assert_int_equal(lc_job_claim(f->db, &f->w, id, &job, &e), LC_OK);
-    assert_int_equal(lc_job_fail(f->db, &f->w, job, "series has mixed orientations", 0, &e),
-                     LC_OK);
+    assert_int_equal(lc_job_fail(f->db, &f->w, job, "series has mixed orientations", 0, &e), LC_OK);
     lc_job_free(job);
     expect_state(f, id, "dead");
     cJSON_Delete(take_outbox(f));

@@ -28,9 +28,9 @@ static void test_fields(void **state)
     (void)state;
     char buf[4096];
     lc_log_init("svc-a", LC_LOG_INFO);
-    const lc_log_field f[] = {LC_LS("s", "a\"b\\c\nd\x01"), LC_LI("i", -42), LC_LD("d", 1.5),
-                              LC_LB("b", 1), LC_LS("null", NULL), LC_LD("nan", 0.0 / 0.0),
-                              LC_LEND};
+    const lc_log_field f[] = {
+        LC_LS("s", "a\"b\\c\nd\x01"), LC_LI("i", -42),         LC_LD("d", 1.5), LC_LB("b", 1),
+        LC_LS("null", NULL),          LC_LD("nan", 0.0 / 0.0), LC_LEND};
     cJSON *j = format(LC_LOG_WARN, "could not \"x\"", f, buf, sizeof(buf));
     assert_string_equal(cJSON_GetObjectItem(j, "level")->valuestring, "warn");
     assert_string_equal(cJSON_GetObjectItem(j, "service")->valuestring, "svc-a");

@@ -39,8 +39,8 @@ static void test_uuid(void **state)
     lc_uuid_v4(b);
     assert_true(lc_uuid_valid(a));
     assert_string_not_equal(a, b);
-    assert_int_equal(a[14], '4');                 /* version */
-    assert_non_null(strchr("89ab", a[19]));       /* variant */
+    assert_int_equal(a[14], '4');           /* version */
+    assert_non_null(strchr("89ab", a[19])); /* variant */
     assert_false(lc_uuid_valid("not-a-uuid"));
     assert_false(lc_uuid_valid("0123456789abcdef0123456789abcdef0123"));
     assert_true(lc_uuid_valid("123E4567-E89B-12D3-A456-426614174000"));
@@ -131,8 +131,8 @@ static void test_files(void **state)
 int main(void)
 {
     const struct CMUnitTest tests[] = {
-        cmocka_unit_test(test_rc),       cmocka_unit_test(test_uuid),
-        cmocka_unit_test(test_sha256),   cmocka_unit_test(test_ct_equal_and_time),
+        cmocka_unit_test(test_rc),     cmocka_unit_test(test_uuid),
+        cmocka_unit_test(test_sha256), cmocka_unit_test(test_ct_equal_and_time),
         cmocka_unit_test(test_files),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);

@@ -91,9 +91,9 @@ static char *series_of(fx *f)
     PGresult *r = NULL;
     lc_err e;
     const char *p[1] = {f->study};
-    assert_int_equal(lc_db_exec(f->db, "SELECT series_uid FROM series WHERE study_uid = $1", 1,
-                                p, &r, &e),
-                     LC_OK);
+    assert_int_equal(
+        lc_db_exec(f->db, "SELECT series_uid FROM series WHERE study_uid = $1", 1, p, &r, &e),
+        LC_OK);
     char *s = strdup(PQgetvalue(r, 0, 0));
     PQclear(r);
     return s;

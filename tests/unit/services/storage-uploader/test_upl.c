@@ -149,7 +149,7 @@ static void test_cancel_leaves_nothing_partial(void **state)
     cJSON *result = NULL;
     lc_err e;
     f->cfg.rate_limit = 20 * 1024; /* slow enough that the first object is mid-copy */
-    atomic_store(&f->svc.stop, 1);  /* shutting down with no drain time left */
+    atomic_store(&f->svc.stop, 1); /* shutting down with no drain time left */
     assert_int_equal(run(f, &result, &e), LC_ERR_CANCELLED);
     assert_null(result);
     int files = 0;
