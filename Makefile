@@ -151,6 +151,12 @@ $(BUILD)/tests/unit/services/$(1)/%: $(BUILD)/obj/tests/unit/services/$(1)/%.o $
 endef
 $(foreach s,$(SERVICES),$(eval $(call service_tests,$(s))))
 
+# --- benchmarks: tests/bench/bench_*.c, run by tests/bench/run.sh -------------------------
+BENCH_BINS := $(patsubst tests/bench/%.c,$(BUILD)/bench/%,$(wildcard tests/bench/bench_*.c))
+$(BUILD)/bench/%: $(BUILD)/obj/tests/bench/%.o $(LIBGPU) $(LIBCOMMON)
+	@mkdir -p $(@D)
+	$(CXX) $(LDFLAGS) -o $@ $< $(LINK_LIBS)
+
 # --- fuzz targets (clang, libFuzzer): tests/fuzz/fuzz_<name>.c, seeds in tests/fuzz/<name>/ -
 FUZZ_SRC := $(wildcard tests/fuzz/fuzz_*.c)
 FUZZ_BINS := $(patsubst tests/fuzz/%.c,build/fuzz/fuzz/%,$(FUZZ_SRC))
@@ -180,7 +186,7 @@ run: deps
 	exec build/release/bin/radpipe-stack
 
 bench: deps-bench
-	+$(MAKE) MODE=release all
+	+$(MAKE) MODE=release all $(patsubst $(BUILD)/%,build/release/%,$(BENCH_BINS))
 	sh tests/bench/run.sh build/release
 
 fuzz: deps

@@ -1,0 +1,66 @@
+#!/bin/sh
+# tests/bench/run.sh BUILD: radpipe's benchmarks, each against a peer measured in the same run
+# on the same data; prints our figure, the peer's and the ratio (ours/peer as a speed-up).
+# The machines are shared and noisy: compare ratios, not absolute times.
+set -eu
+build=${1:-build/release}
+root=$(cd "$(dirname "$0")/../.." && pwd)
+cd "$root"
+tmp=$(mktemp -d)
+trap 'rm -rf "$tmp"' EXIT
+py=/usr/bin/python3
+samples=${RADPIPE_SAMPLES_DIR:-$root/../shared/dicom-samples}
+[ -d "$samples" ] || samples=/work/shared/dicom-samples
+
+echo "== header parsing: lc_dicom (GDCM) vs pydicom dcmread(stop_before_pixels=True)"
+if [ -d "$samples/series" ]; then
+	files=$(find "$samples/series" -type f | sort)
+	label="$(echo "$files" | wc -l) files of $samples/series"
+else
+	files=$(find tests/data -type f -name '*.dcm' | sort)
+	label="$(echo "$files" | wc -l) files of tests/data"
+fi
+# shellcheck disable=SC2086
+ours=$("$build/bench/bench_header" $files)
+echo "$files" >"$tmp/files.txt"
+peer=$($py - "$tmp/files.txt" <<'PY'
+import sys, time
+import pydicom
+files = [l.strip() for l in open(sys.argv[1]) if l.strip()]
+n = 0; t0 = time.perf_counter()
+while time.perf_counter() - t0 < 2.0:
+    for f in files:
+        pydicom.dcmread(f, stop_before_pixels=True, force=True)
+        n += 1
+print("pydicom_files_per_s=%.1f" % (n / (time.perf_counter() - t0)))
+PY
+)
+o=$(echo "$ours" | sed 's/.*ours_files_per_s=\([0-9.]*\).*/\1/')
+p=$(echo "$peer" | sed 's/.*=\([0-9.]*\)/\1/')
+echo "   data: $label"
+echo "   ours:    $o files/s ($ours)"
+echo "   pydicom: $p files/s"
+echo "   ratio:   $(echo "$o $p" | awk '{printf "%.1fx", $1 / $2}')"
+
+echo "== Otsu threshold + mask, 512x512x300 float: gpu/ CPU path vs scikit-image"
+ours=$("$build/bench/bench_otsu" "$tmp/vol.f32")
+peer=$($py - "$tmp/vol.f32" <<'PY'
+import sys, time
+import numpy as np
+from skimage.filters import threshold_otsu
+v = np.fromfile(sys.argv[1], dtype=np.float32).reshape(300, 512, 512)
+times = []
+for _ in range(5):
+    t0 = time.perf_counter()
+    t = threshold_otsu(v, nbins=256)
+    m = v > t
+    times.append((time.perf_counter() - t0) * 1000)
+times.sort()
+print("skimage_ms=%.1f threshold=%.3f voxels=%d" % (times[2], t, int(m.sum())))
+PY
+)
+o=$(echo "$ours" | sed 's/.*ours_ms=\([0-9.]*\).*/\1/')
+p=$(echo "$peer" | sed 's/.*skimage_ms=\([0-9.]*\).*/\1/')
+echo "   ours:    $ours"
+echo "   skimage: $peer"
+echo "   ratio:   $(echo "$o $p" | awk '{printf "%.1fx faster", $2 / $1}')"
