@@ -50,6 +50,12 @@ if ! $asuser "$pgbin/pg_ctl" -D "$pgdata" -l "$tmp/pg.log" -w -o \
 	exit 1
 fi
 export RADPIPE_TEST_PG_URL="postgresql://radpipe@127.0.0.1:$port/postgres"
+# A watchdog in its own session stops the server once this runner is gone, however it died
+# (the EXIT trap does not run on SIGKILL).
+runner=$$
+setsid sh -c "while kill -0 $runner 2>/dev/null; do sleep 2; done; \
+	$asuser '$pgbin/pg_ctl' -D '$pgdata' -m immediate stop >/dev/null 2>&1; rm -rf '$tmp'" \
+	</dev/null >/dev/null 2>&1 &
 
 pass=0
 fail=0

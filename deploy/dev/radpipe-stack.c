@@ -1209,13 +1209,13 @@ static void print_banner(const stack *s)
             s->db_url, s->brokers, s->store_url, s->archive_url, s->var, s->env_path);
     if (s->ch[CH_GATEWAY].selected)
         fprintf(stderr,
-                "  web UI     %s/\n"
+                "  API        %s/api/v1/studies (health: %s/healthz)\n"
                 "  token      %s (send it as \"Authorization: Bearer <token>\")\n"
                 "Send the bundled sample series:\n"
                 "  for f in tests/data/series/mr-4slice/jpeg-lossless-sv1/*.dcm; do curl -s "
                 "-H \"Authorization: Bearer $(cat %s)\" -H 'Content-Type: application/dicom' "
                 "--data-binary @\"$f\" %s/api/v1/instances; done\n",
-                s->http_url, s->token_path, s->token_path, s->http_url);
+                s->http_url, s->http_url, s->token_path, s->token_path, s->http_url);
     fprintf(stderr, "Press Ctrl-C to stop.\n\n");
 }
 
