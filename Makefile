@@ -28,7 +28,8 @@ LIBS := $(PKG_LIBS) -lcivetweb -lniftiio -lznz $(GDCM_LIBS) -lstdc++ -lm -lpthre
 WARN := -Wall -Wextra -Werror -Wshadow -Wformat=2 -Wno-missing-field-initializers \
         -Wno-format-truncation
 INCS := -Ilibcommon/include -Igpu -I$(BUILD)/gen -I/usr/include/nifti $(PKG_CFLAGS)
-ifeq ($(MODE),test)
+ifneq ($(filter test%,$(MODE)),)
+  # test, or test<suffix> for a private build directory with the same flags
   OPT := -O1 -g -fsanitize=address,undefined -fno-omit-frame-pointer -fno-sanitize-recover=all
   LDOPT := -fsanitize=address,undefined
 else ifeq ($(MODE),fuzz)
