@@ -48,31 +48,35 @@ static lc_rc open_cuda(int device, gpu_ctx *ctx, lc_err *err)
 }
 #endif
 
-lc_rc gpu_ctx_new(gpu_backend want, int device, int cpu_threads, gpu_ctx **out, lc_err *err)
+lc_rc gpu_ctx_open(const gpu_ctx_opts *opts, gpu_ctx **out, lc_err *err)
 {
     lc_rc rc = LC_OK;
     gpu_ctx *ctx = NULL;
 
     if (!out)
-        return lc_err_set(err, LC_ERR_INVALID, "gpu_ctx_new: out is NULL");
+        return lc_err_set(err, LC_ERR_INVALID, "gpu_ctx_open: out is NULL");
     *out = NULL;
+    if (!opts)
+        return lc_err_set(err, LC_ERR_INVALID, "gpu_ctx_open: opts is NULL");
+    gpu_backend want = opts->backend;
     if (want != GPU_BACKEND_AUTO && want != GPU_BACKEND_CPU && want != GPU_BACKEND_CUDA)
         return lc_err_set(err, LC_ERR_INVALID, "unknown gpu backend %d", (int)want);
-    if (device < 0)
-        return lc_err_set(err, LC_ERR_INVALID, "invalid CUDA device index %d", device);
-    if (cpu_threads < 0)
-        return lc_err_set(err, LC_ERR_INVALID, "invalid cpu thread count %d", cpu_threads);
+    if (opts->device < 0)
+        return lc_err_set(err, LC_ERR_INVALID, "invalid CUDA device index %d", opts->device);
+    if (opts->cpu_threads < 0)
+        return lc_err_set(err, LC_ERR_INVALID, "invalid cpu thread count %d", opts->cpu_threads);
 
     ctx = calloc(1, sizeof(*ctx));
     if (!ctx)
         return lc_err_set(err, LC_ERR_NOMEM, "could not allocate a gpu context");
+    ctx->mem_limit = opts->memory_limit;
 
     if (want != GPU_BACKEND_CPU) {
         lc_err cuda_err = {0};
-        rc = open_cuda(device, ctx, &cuda_err);
+        rc = open_cuda(opts->device, ctx, &cuda_err);
         if (rc == LC_OK) {
             ctx->backend = GPU_BACKEND_CUDA;
-            goto out;
+            goto opened;
         }
         /* No driver or no device is an expected state under AUTO; any other failure of a
          * present device (out of memory, busy) is reported, not hidden by a fallback. */
@@ -83,10 +87,16 @@ lc_rc gpu_ctx_new(gpu_backend want, int device, int cpu_threads, gpu_ctx **out, 
         lc_log_info("CUDA unavailable, using the CPU backend",
                     LC_LS("reason", lc_err_msg(&cuda_err)));
     }
-    rc = gpu_ref_open(cpu_threads, &ctx->ops, &ctx->impl, ctx->desc, sizeof(ctx->desc), err);
-    if (rc == LC_OK)
-        ctx->backend = GPU_BACKEND_CPU;
+    rc = gpu_ref_open(opts->cpu_threads, &ctx->ops, &ctx->impl, ctx->desc, sizeof(ctx->desc), err);
+    if (rc != LC_OK)
+        goto out;
+    ctx->backend = GPU_BACKEND_CPU;
 
+opened:
+    if (opts->warm_up && (rc = gpu_ctx_warm_up(ctx, err)) != LC_OK) {
+        ctx->ops->close(ctx->impl);
+        goto out;
+    }
 out:
     if (rc != LC_OK) {
         free(ctx);
@@ -94,6 +104,12 @@ out:
     }
     *out = ctx;
     return LC_OK;
+}
+
+lc_rc gpu_ctx_new(gpu_backend want, int device, int cpu_threads, gpu_ctx **out, lc_err *err)
+{
+    gpu_ctx_opts o = {.backend = want, .device = device, .cpu_threads = cpu_threads};
+    return gpu_ctx_open(&o, out, err);
 }
 
 gpu_backend gpu_ctx_backend(const gpu_ctx *ctx)
@@ -104,6 +120,16 @@ gpu_backend gpu_ctx_backend(const gpu_ctx *ctx)
 const char *gpu_ctx_describe(const gpu_ctx *ctx)
 {
     return ctx ? ctx->desc : "none";
+}
+
+void gpu_ctx_memory(const gpu_ctx *ctx, gpu_mem_stats *out)
+{
+    if (!out)
+        return;
+    *out = (gpu_mem_stats){0};
+    if (ctx)
+        *out =
+            (gpu_mem_stats){.used = ctx->mem_used, .peak = ctx->mem_peak, .limit = ctx->mem_limit};
 }
 
 void gpu_ctx_free(gpu_ctx *ctx)
@@ -118,28 +144,57 @@ void gpu_ctx_free(gpu_ctx *ctx)
 
 /* --- volumes ------------------------------------------------------------------------------ */
 
-static size_t dtype_size(gpu_dtype t)
+size_t gpu_dtype_size(gpu_dtype t)
 {
     switch (t) {
     case GPU_F32:
         return sizeof(float);
     case GPU_U8:
         return 1;
+    case GPU_I32:
+        return sizeof(int32_t);
     }
     return 0;
 }
 
-static const char *dtype_name(gpu_dtype t)
+const char *gpu_dtype_name(gpu_dtype t)
 {
-    return t == GPU_F32 ? "f32" : t == GPU_U8 ? "u8" : "unknown";
+    return t == GPU_F32 ? "f32" : t == GPU_U8 ? "u8" : t == GPU_I32 ? "i32" : "unknown";
 }
 
-static lc_rc vol_alloc(gpu_ctx *ctx, gpu_dtype dtype, size_t nx, size_t ny, size_t nz, int zero,
-                       gpu_vol **out, lc_err *err)
+/* Backend memory, counted against the context's limit. Every allocation of volumes and
+ * kernel scratch goes through here and back through mem_release. */
+lc_rc gpu_mem_alloc(gpu_ctx *ctx, size_t nbytes, int zero, void **mem, lc_err *err)
+{
+    *mem = NULL;
+    if (ctx->mem_limit && (nbytes > ctx->mem_limit || ctx->mem_used > ctx->mem_limit - nbytes))
+        return lc_err_set(err, LC_ERR_TOO_LARGE,
+                          "gpu memory limit reached: %zu more bytes requested, %zu in use, "
+                          "limit %zu bytes",
+                          nbytes, ctx->mem_used, ctx->mem_limit);
+    lc_rc rc = ctx->ops->alloc(ctx->impl, nbytes, zero, mem, err);
+    if (rc != LC_OK)
+        return rc;
+    ctx->mem_used += nbytes;
+    if (ctx->mem_used > ctx->mem_peak)
+        ctx->mem_peak = ctx->mem_used;
+    return LC_OK;
+}
+
+void gpu_mem_release(gpu_ctx *ctx, void *mem, size_t nbytes)
+{
+    if (!mem)
+        return;
+    ctx->ops->release(ctx->impl, mem);
+    ctx->mem_used -= nbytes;
+}
+
+lc_rc gpu_vol_alloc(gpu_ctx *ctx, gpu_dtype dtype, size_t nx, size_t ny, size_t nz, int zero,
+                    gpu_vol **out, lc_err *err)
 {
     lc_rc rc;
     gpu_vol *v = NULL;
-    size_t esize = dtype_size(dtype);
+    size_t esize = gpu_dtype_size(dtype);
 
     if (!ctx || !out)
         return lc_err_set(err, LC_ERR_INVALID, "gpu volume: context or out is NULL");
@@ -165,7 +220,7 @@ static lc_rc vol_alloc(gpu_ctx *ctx, gpu_dtype dtype, size_t nx, size_t ny, size
     v->nz = nz;
     v->n = nx * ny * nz;
     v->nbytes = v->n * esize;
-    rc = ctx->ops->alloc(ctx->impl, v->nbytes, zero, &v->mem, err);
+    rc = gpu_mem_alloc(ctx, v->nbytes, zero, &v->mem, err);
     if (rc != LC_OK) {
         free(v);
         return rc;
@@ -178,7 +233,7 @@ static lc_rc vol_alloc(gpu_ctx *ctx, gpu_dtype dtype, size_t nx, size_t ny, size
 lc_rc gpu_vol_new(gpu_ctx *ctx, gpu_dtype dtype, size_t nx, size_t ny, size_t nz, gpu_vol **out,
                   lc_err *err)
 {
-    return vol_alloc(ctx, dtype, nx, ny, nz, 1, out, err);
+    return gpu_vol_alloc(ctx, dtype, nx, ny, nz, 1, out, err);
 }
 
 lc_rc gpu_vol_upload(gpu_ctx *ctx, gpu_dtype dtype, const void *host, size_t nx, size_t ny,
@@ -192,7 +247,7 @@ lc_rc gpu_vol_upload(gpu_ctx *ctx, gpu_dtype dtype, const void *host, size_t nx,
     *out = NULL;
     if (!host)
         return lc_err_set(err, LC_ERR_INVALID, "gpu_vol_upload: host buffer is NULL");
-    rc = vol_alloc(ctx, dtype, nx, ny, nz, 0, &v, err);
+    rc = gpu_vol_alloc(ctx, dtype, nx, ny, nz, 0, &v, err);
     if (rc != LC_OK)
         return rc;
     rc = ctx->ops->to_mem(ctx->impl, v->mem, host, v->nbytes, err);
@@ -204,8 +259,8 @@ lc_rc gpu_vol_upload(gpu_ctx *ctx, gpu_dtype dtype, const void *host, size_t nx,
     return LC_OK;
 }
 
-static lc_rc check_vol(const gpu_ctx *ctx, const gpu_vol *v, gpu_dtype want, const char *what,
-                       lc_err *err)
+lc_rc gpu_check_vol(const gpu_ctx *ctx, const gpu_vol *v, gpu_dtype want, const char *what,
+                    lc_err *err)
 {
     if (!ctx || !v)
         return lc_err_set(err, LC_ERR_INVALID, "%s: context or volume is NULL", what);
@@ -213,13 +268,21 @@ static lc_rc check_vol(const gpu_ctx *ctx, const gpu_vol *v, gpu_dtype want, con
         return lc_err_set(err, LC_ERR_INVALID, "%s: the volume belongs to another context", what);
     if (v->dtype != want)
         return lc_err_set(err, LC_ERR_INVALID, "%s: volume of type %s, expected %s", what,
-                          dtype_name(v->dtype), dtype_name(want));
+                          gpu_dtype_name(v->dtype), gpu_dtype_name(want));
+    return LC_OK;
+}
+
+lc_rc gpu_check_dims(const gpu_vol *a, const gpu_vol *b, const char *what, lc_err *err)
+{
+    if (a->nx != b->nx || a->ny != b->ny || a->nz != b->nz)
+        return lc_err_set(err, LC_ERR_INVALID, "%s: output is %zux%zux%zu, input is %zux%zux%zu",
+                          what, b->nx, b->ny, b->nz, a->nx, a->ny, a->nz);
     return LC_OK;
 }
 
 lc_rc gpu_vol_download(gpu_ctx *ctx, const gpu_vol *v, void *host, lc_err *err)
 {
-    lc_rc rc = check_vol(ctx, v, v ? v->dtype : GPU_F32, "gpu_vol_download", err);
+    lc_rc rc = gpu_check_vol(ctx, v, v ? v->dtype : GPU_F32, "gpu_vol_download", err);
     if (rc != LC_OK)
         return rc;
     if (!host)
@@ -231,7 +294,7 @@ void gpu_vol_free(gpu_vol *v)
 {
     if (!v)
         return;
-    v->ctx->ops->release(v->ctx->impl, v->mem);
+    gpu_mem_release(v->ctx, v->mem, v->nbytes);
     v->ctx->live_vols--;
     free(v);
 }
@@ -258,7 +321,7 @@ size_t gpu_vol_voxels(const gpu_vol *v)
 lc_rc gpu_minmax(gpu_ctx *ctx, const gpu_vol *v, float *lo, float *hi, lc_err *err)
 {
     float l, h;
-    lc_rc rc = check_vol(ctx, v, GPU_F32, "gpu_minmax", err);
+    lc_rc rc = gpu_check_vol(ctx, v, GPU_F32, "gpu_minmax", err);
     if (rc != LC_OK)
         return rc;
     if (!lo || !hi)
@@ -298,7 +361,7 @@ lc_rc gpu_histogram(gpu_ctx *ctx, const gpu_vol *v, int nbins, float lo, float h
                     lc_err *err)
 {
     float scale;
-    lc_rc rc = check_vol(ctx, v, GPU_F32, "gpu_histogram", err);
+    lc_rc rc = gpu_check_vol(ctx, v, GPU_F32, "gpu_histogram", err);
     if (rc != LC_OK)
         return rc;
     if (!hist)
@@ -313,7 +376,7 @@ lc_rc gpu_otsu_threshold(gpu_ctx *ctx, const gpu_vol *v, int nbins, float *thres
 {
     float lo, hi, scale;
     uint64_t *hist = NULL;
-    lc_rc rc = check_vol(ctx, v, GPU_F32, "gpu_otsu_threshold", err);
+    lc_rc rc = gpu_check_vol(ctx, v, GPU_F32, "gpu_otsu_threshold", err);
     if (rc != LC_OK)
         return rc;
     if (!threshold)
@@ -346,17 +409,43 @@ lc_rc gpu_otsu_threshold(gpu_ctx *ctx, const gpu_vol *v, int nbins, float *thres
 
 lc_rc gpu_threshold(gpu_ctx *ctx, const gpu_vol *in, float lo, float hi, gpu_vol *out, lc_err *err)
 {
-    lc_rc rc = check_vol(ctx, in, GPU_F32, "gpu_threshold input", err);
+    lc_rc rc = gpu_check_vol(ctx, in, GPU_F32, "gpu_threshold input", err);
     if (rc == LC_OK)
-        rc = check_vol(ctx, out, GPU_U8, "gpu_threshold output", err);
+        rc = gpu_check_vol(ctx, out, GPU_U8, "gpu_threshold output", err);
     if (rc != LC_OK)
         return rc;
-    if (in->nx != out->nx || in->ny != out->ny || in->nz != out->nz)
-        return lc_err_set(err, LC_ERR_INVALID,
-                          "gpu_threshold: output is %zux%zux%zu, input is %zux%zux%zu", out->nx,
-                          out->ny, out->nz, in->nx, in->ny, in->nz);
+    if ((rc = gpu_check_dims(in, out, "gpu_threshold", err)) != LC_OK)
+        return rc;
     if (isnan(lo) || isnan(hi) || lo > hi)
         return lc_err_set(err, LC_ERR_INVALID, "invalid threshold range [%g, %g]", (double)lo,
                           (double)hi);
     return ctx->ops->threshold(ctx->impl, in->mem, in->n, lo, hi, out->mem, err);
+}
+
+lc_rc gpu_window(gpu_ctx *ctx, const gpu_vol *in, float level, float width, gpu_vol *out,
+                 lc_err *err)
+{
+    lc_rc rc = gpu_check_vol(ctx, in, GPU_F32, "gpu_window input", err);
+    if (rc == LC_OK)
+        rc = gpu_check_vol(ctx, out, GPU_F32, "gpu_window output", err);
+    if (rc == LC_OK)
+        rc = gpu_check_dims(in, out, "gpu_window", err);
+    if (rc != LC_OK)
+        return rc;
+    float half = width / 2, a = level - half, b = level + half, inv = 1.0f / width;
+    if (!isfinite(level) || !isfinite(width) || !(width > 0) || !isfinite(a) || !isfinite(b) ||
+        !isfinite(inv) || !(a < b))
+        return lc_err_set(err, LC_ERR_INVALID, "invalid window: level %g, width %g", (double)level,
+                          (double)width);
+    return ctx->ops->window(ctx->impl, in->mem, in->n, a, b, inv, out->mem, err);
+}
+
+lc_rc gpu_count_nonzero(gpu_ctx *ctx, const gpu_vol *mask, uint64_t *count, lc_err *err)
+{
+    lc_rc rc = gpu_check_vol(ctx, mask, GPU_U8, "gpu_count_nonzero", err);
+    if (rc != LC_OK)
+        return rc;
+    if (!count)
+        return lc_err_set(err, LC_ERR_INVALID, "gpu_count_nonzero: count is NULL");
+    return ctx->ops->count(ctx->impl, mask->mem, mask->n, count, err);
 }

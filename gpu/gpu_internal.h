@@ -7,11 +7,45 @@
 #ifndef GPU_INTERNAL_H
 #define GPU_INTERNAL_H
 
+#include <math.h>
 #include "gpu_seg.h"
 
 #ifdef __cplusplus
 extern "C" {
 #endif
+
+/* One morphology pass, erosion (target 0) or dilation (target 1), in two steps on backend
+ * memory: dist[i] = distance along x from voxel i to the nearest voxel of its row whose
+ * (in != 0) equals target, capped at rx + 1 (voxels outside the volume never count); then
+ *   erosion:  out[x,y,z] = 1 iff for every (dy, dz) with w >= 0 and row (y+dy, z+dz) inside:
+ *             dist[x, y+dy, z+dz] > w
+ *   dilation: out[x,y,z] = 1 iff for some (dy, dz) with w >= 0 and row inside:
+ *             dist[x, y+dy, z+dz] <= w
+ * where w = w[(dz + rz) * (2 ry + 1) + dy + ry] is the element's half-width in x on that row
+ * (-1: the row is not in the element). w is host memory, built once by gpu.c. */
+typedef struct gpu_morph_pass {
+    const uint8_t *in;
+    uint8_t *out;  /* may be in */
+    uint8_t *dist; /* scratch, n bytes */
+    size_t nx, ny, nz;
+    int target;
+    int rx, ry, rz; /* 0..GPU_MORPH_MAX_REACH */
+    const int8_t *w;
+} gpu_morph_pass;
+
+/* Size of the half-width table of the largest element. */
+#define GPU_MORPH_MAX_W ((2 * GPU_MORPH_MAX_REACH + 1) * (2 * GPU_MORPH_MAX_REACH + 1))
+
+/* One resampling (gpu_seg.h): in and out in backend memory of dtype; ratio[a] =
+ * (float)(out_spacing[a] / in_spacing[a]). */
+typedef struct gpu_resample_job {
+    const void *in;
+    void *out;
+    gpu_dtype dtype;
+    gpu_interp interp;
+    size_t in_dims[3], out_dims[3];
+    float ratio[3];
+} gpu_resample_job;
 
 /* Backend operations on backend memory ("mem": host memory for the CPU, device memory for
  * CUDA). gpu.c validates every argument first: n > 0, matching dtypes and sizes, nbins in
@@ -31,13 +65,41 @@ typedef struct gpu_ops {
                        uint64_t *hist, lc_err *err);
     lc_rc (*threshold)(void *impl, const float *x, size_t n, float lo, float hi, uint8_t *out,
                        lc_err *err);
+    /* out[i] = NaN ? NaN : min((min(max(x, a), b) - a) * inv_width, 1); out may be x. */
+    lc_rc (*window)(void *impl, const float *x, size_t n, float a, float b, float inv_width,
+                    float *out, lc_err *err);
+    /* *count = number of non-zero bytes (waits for the result). */
+    lc_rc (*count)(void *impl, const uint8_t *m, size_t n, uint64_t *count, lc_err *err);
+    /* One erosion or dilation pass (gpu_morph_pass); p->out may be p->in. */
+    lc_rc (*morph)(void *impl, const gpu_morph_pass *p, lc_err *err);
+    /* Bytes of scratch memory label needs for n voxels (0: none). */
+    size_t (*label_scratch)(void *impl, size_t n);
+    /* Connected components of the voxels with (m[i] != 0) != invert, into labels (background
+     * 0, components 1..*nlabels numbered by first voxel index). conn: 6, 26, 4 or 8.
+     * n = dims product <= GPU_LABEL_MAX_VOXELS; scratch: label_scratch(n) bytes of mem (or
+     * NULL when 0). Waits for *nlabels. */
+    lc_rc (*label)(void *impl, const uint8_t *m, int invert, const size_t dims[3], int conn,
+                   int32_t *labels, void *scratch, size_t *nlabels, lc_err *err);
+    /* counts (mem, nlabels + 2 zeroed entries): counts[l] += voxels of label l for l in
+     * 0..nlabels, counts[nlabels + 1] += voxels outside that range. */
+    lc_rc (*label_sizes)(void *impl, const int32_t *labels, size_t n, size_t nlabels,
+                         uint64_t *counts, lc_err *err);
+    /* out[i] = table[labels[i]] ^ flip for labels in 0..ntable-1, 0 otherwise. table: mem. */
+    lc_rc (*lut)(void *impl, const int32_t *labels, size_t n, const uint8_t *table, size_t ntable,
+                 uint8_t flip, uint8_t *out, lc_err *err);
+    /* table[l] = 1 (mem, ntable entries) for every label l > 0 on the volume's border: its 6
+     * faces, or with planar != 0 the 4 edges of every z slice. */
+    lc_rc (*mark_border)(void *impl, const int32_t *labels, const size_t dims[3], int planar,
+                         uint8_t *table, size_t ntable, lc_err *err);
+    lc_rc (*resample)(void *impl, const gpu_resample_job *j, lc_err *err);
 } gpu_ops;
 
 struct gpu_ctx {
     gpu_backend backend;
     const gpu_ops *ops;
     void *impl;
-    size_t live_vols; /* volumes not yet freed: gpu_ctx_free checks it is 0 */
+    size_t live_vols;                     /* volumes not yet freed: gpu_ctx_free checks it is 0 */
+    size_t mem_used, mem_peak, mem_limit; /* backend bytes held by volumes and scratch */
     char desc[160];
 };
 
@@ -56,6 +118,21 @@ lc_rc gpu_ref_open(int threads, const gpu_ops **ops, void **impl, char *desc, si
 lc_rc gpu_cuda_open(int device, const gpu_ops **ops, void **impl, char *desc, size_t cap,
                     lc_err *err);
 #endif
+
+/* Shared by the front-end files (gpu.c, gpu_morph.c, gpu_label.c, gpu_resample.c,
+ * gpu_warm.c). Backend memory counted against ctx's limit (LC_ERR_TOO_LARGE past it): */
+lc_rc gpu_mem_alloc(gpu_ctx *ctx, size_t nbytes, int zero, void **mem, lc_err *err);
+/* mem may be NULL; nbytes as allocated. */
+void gpu_mem_release(gpu_ctx *ctx, void *mem, size_t nbytes);
+/* A volume, zero-filled when zero != 0 (gpu_vol_new's checks). */
+lc_rc gpu_vol_alloc(gpu_ctx *ctx, gpu_dtype dtype, size_t nx, size_t ny, size_t nz, int zero,
+                    gpu_vol **out, lc_err *err);
+/* v is non-NULL, belongs to ctx and has dtype want; what names the argument in messages. */
+lc_rc gpu_check_vol(const gpu_ctx *ctx, const gpu_vol *v, gpu_dtype want, const char *what,
+                    lc_err *err);
+/* a and b have the same dims. */
+lc_rc gpu_check_dims(const gpu_vol *a, const gpu_vol *b, const char *what, lc_err *err);
+const char *gpu_dtype_name(gpu_dtype t);
 
 /* Otsu's threshold from a histogram of nbins >= 2 bins over [lo, hi]: the centre of the bin
  * that maximises the between-class variance (scikit-image's convention). Host code shared
@@ -87,6 +164,73 @@ GPU_HD int gpu_bin_of(float x, float lo, float scale, int nbins)
         return nbins - 1;
     int b = (int)f;
     return b < nbins ? b : nbins - 1;
+}
+
+/* Rounded float operations that are never fused with a neighbour into an FMA. */
+GPU_HD float gpu_fmul(float a, float b)
+{
+#ifdef __CUDA_ARCH__
+    return __fmul_rn(a, b);
+#else
+    return a * b;
+#endif
+}
+
+GPU_HD float gpu_fadd(float a, float b)
+{
+#ifdef __CUDA_ARCH__
+    return __fadd_rn(a, b);
+#else
+    return a + b;
+#endif
+}
+
+GPU_HD float gpu_fsub(float a, float b)
+{
+#ifdef __CUDA_ARCH__
+    return __fsub_rn(a, b);
+#else
+    return a - b;
+#endif
+}
+
+/* a + (b - a) * t, rounded step by step on every backend. */
+GPU_HD float gpu_lerp(float a, float b, float t)
+{
+    return gpu_fadd(a, gpu_fmul(gpu_fsub(b, a), t));
+}
+
+/* Resampling coordinates, shared verbatim by C and CUDA so both backends sample the same
+ * voxels with the same weights. p = (float)i * ratio (one float product); linear: p clamped
+ * to [0, n - 1], i0 = floor(p), i1 = min(i0 + 1, n - 1), t = p - i0 (exact); nearest:
+ * floor(p + 0.5) clamped to [0, n - 1]. Products and sums go through gpu_fmul / gpu_fadd so nvcc
+ * cannot contract them into an FMA (the host has no FMA: x86-64 without -march). */
+GPU_HD void gpu_rs_linear(size_t i, float ratio, size_t n, size_t *i0, size_t *i1, float *t)
+{
+    float p = gpu_fmul((float)i, ratio);
+    float hi = (float)(n - 1);
+    if (!(p > 0.0f))
+        p = 0.0f;
+    if (p > hi)
+        p = hi;
+    float f = floorf(p);
+    size_t a = (size_t)f;
+    if (a > n - 1)
+        a = n - 1;
+    *i0 = a;
+    *i1 = a + 1 < n ? a + 1 : n - 1;
+    *t = p - f;
+}
+
+GPU_HD size_t gpu_rs_nearest(size_t i, float ratio, size_t n)
+{
+    float p = gpu_fadd(gpu_fmul((float)i, ratio), 0.5f);
+    float f = floorf(p);
+    if (!(f > 0.0f))
+        return 0;
+    if (f >= (float)(n - 1))
+        return n - 1;
+    return (size_t)f;
 }
 
 #endif

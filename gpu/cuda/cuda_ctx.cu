@@ -15,6 +15,21 @@ lc_rc gpu_cu_fail(lc_err *err, cudaError_t e, const char *what)
                       cudaGetErrorName(e));
 }
 
+lc_rc gpu_cu_launched(lc_err *err, const char *what)
+{
+    cudaError_t e = cudaGetLastError();
+    return e == cudaSuccess ? LC_OK : gpu_cu_fail(err, e, what);
+}
+
+lc_rc gpu_cu_fetch(gpu_cu_impl *c, void *host, const void *dev, size_t nbytes, const char *what,
+                   lc_err *err)
+{
+    cudaError_t e = cudaMemcpyAsync(host, dev, nbytes, cudaMemcpyDeviceToHost, c->stream);
+    if (e == cudaSuccess)
+        e = cudaStreamSynchronize(c->stream);
+    return e == cudaSuccess ? LC_OK : gpu_cu_fail(err, e, what);
+}
+
 lc_rc gpu_cu_enter(gpu_cu_impl *c, lc_err *err)
 {
     cudaError_t e = cudaSetDevice(c->device);
@@ -32,6 +47,8 @@ static void cu_close(void *impl)
             cudaStreamSynchronize(c->stream);
         cudaFree(c->d_part);
         cudaFree(c->d_hist);
+        cudaFree(c->d_se);
+        cudaFree(c->d_scalar);
         if (c->stream)
             cudaStreamDestroy(c->stream);
     }
@@ -99,14 +116,23 @@ static lc_rc cu_to_host(void *impl, void *host, const void *mem, size_t nbytes, 
 
 /* Positional: C++17 has no designated initialisers. Order of gpu_ops in gpu_internal.h. */
 static const gpu_ops cu_ops = {
-    cu_close,         /* close */
-    cu_alloc,         /* alloc */
-    cu_release,       /* release */
-    cu_to_mem,        /* to_mem */
-    cu_to_host,       /* to_host */
-    gpu_cu_minmax,    /* minmax */
-    gpu_cu_histogram, /* histogram */
-    gpu_cu_threshold, /* threshold */
+    cu_close,             /* close */
+    cu_alloc,             /* alloc */
+    cu_release,           /* release */
+    cu_to_mem,            /* to_mem */
+    cu_to_host,           /* to_host */
+    gpu_cu_minmax,        /* minmax */
+    gpu_cu_histogram,     /* histogram */
+    gpu_cu_threshold,     /* threshold */
+    gpu_cu_window,        /* window */
+    gpu_cu_count,         /* count */
+    gpu_cu_morph,         /* morph */
+    gpu_cu_label_scratch, /* label_scratch */
+    gpu_cu_label,         /* label */
+    gpu_cu_label_sizes,   /* label_sizes */
+    gpu_cu_lut,           /* lut */
+    gpu_cu_mark_border,   /* mark_border */
+    gpu_cu_resample,      /* resample */
 };
 
 extern "C" lc_rc gpu_cuda_open(int device, const gpu_ops **ops, void **impl, char *desc, size_t cap,
@@ -144,7 +170,9 @@ extern "C" lc_rc gpu_cuda_open(int device, const gpu_ops **ops, void **impl, cha
         goto out;
     }
     if ((e = cudaMalloc(&c->d_part, 2 * CU_MAX_BLOCKS * sizeof(float))) != cudaSuccess ||
-        (e = cudaMalloc(&c->d_hist, GPU_MAX_BINS * sizeof(unsigned long long))) != cudaSuccess) {
+        (e = cudaMalloc(&c->d_hist, GPU_MAX_BINS * sizeof(unsigned long long))) != cudaSuccess ||
+        (e = cudaMalloc(&c->d_se, GPU_MORPH_MAX_W)) != cudaSuccess ||
+        (e = cudaMalloc(&c->d_scalar, CU_SCALARS * sizeof(unsigned long long))) != cudaSuccess) {
         rc = gpu_cu_fail(err, e, "allocate CUDA scratch buffers");
         goto out;
     }

@@ -15,17 +15,6 @@ static_assert(sizeof(unsigned long long) == sizeof(uint64_t), "histogram counter
  * memory. */
 #define CU_SHARED_BINS 8192
 
-/* Enough blocks to fill the device, never more than the work or CU_MAX_BLOCKS. */
-static unsigned grid_for(const gpu_cu_impl *c, size_t n)
-{
-    size_t want = (n + CU_THREADS - 1) / CU_THREADS;
-    size_t fill = (size_t)c->sm_count * 8;
-    size_t g = want < fill ? want : fill;
-    if (g > CU_MAX_BLOCKS)
-        g = CU_MAX_BLOCKS;
-    return g ? (unsigned)g : 1u;
-}
-
 __device__ static inline size_t first_index()
 {
     return (size_t)blockIdx.x * blockDim.x + threadIdx.x;
@@ -79,7 +68,7 @@ lc_rc gpu_cu_minmax(void *impl, const float *x, size_t n, float *lo, float *hi, 
 {
     gpu_cu_impl *c = static_cast<gpu_cu_impl *>(impl);
     float part[2 * CU_MAX_BLOCKS];
-    unsigned grid = grid_for(c, n);
+    unsigned grid = gpu_cu_grid(c, n);
     cudaError_t e;
     lc_rc rc = gpu_cu_enter(c, err);
     if (rc != LC_OK)
@@ -140,7 +129,7 @@ lc_rc gpu_cu_histogram(void *impl, const float *x, size_t n, int nbins, float lo
 {
     gpu_cu_impl *c = static_cast<gpu_cu_impl *>(impl);
     size_t hbytes = (size_t)nbins * sizeof(unsigned long long);
-    unsigned grid = grid_for(c, n);
+    unsigned grid = gpu_cu_grid(c, n);
     size_t per_block_max = (size_t)1 << 31;
     cudaError_t e;
     lc_rc rc = gpu_cu_enter(c, err);
@@ -183,8 +172,80 @@ lc_rc gpu_cu_threshold(void *impl, const float *x, size_t n, float lo, float hi,
     lc_rc rc = gpu_cu_enter(c, err);
     if (rc != LC_OK)
         return rc;
-    k_threshold<<<grid_for(c, n), CU_THREADS, 0, c->stream>>>(x, n, lo, hi, out);
+    k_threshold<<<gpu_cu_grid(c, n), CU_THREADS, 0, c->stream>>>(x, n, lo, hi, out);
     if ((e = cudaGetLastError()) != cudaSuccess)
         return gpu_cu_fail(err, e, "launch the threshold kernel");
+    return LC_OK;
+}
+
+__global__ static void k_window(const float *__restrict__ x, size_t n, float a, float b, float inv,
+                                float *out)
+{
+    for (size_t i = first_index(); i < n; i += grid_stride()) {
+        float v = x[i];
+        if (isnan(v)) {
+            out[i] = v;
+            continue;
+        }
+        float cl = v < a ? a : v > b ? b : v;
+        float r = __fmul_rn(__fsub_rn(cl, a), inv);
+        out[i] = r > 1.0f ? 1.0f : r;
+    }
+}
+
+lc_rc gpu_cu_window(void *impl, const float *x, size_t n, float a, float b, float inv, float *out,
+                    lc_err *err)
+{
+    gpu_cu_impl *c = static_cast<gpu_cu_impl *>(impl);
+    lc_rc rc = gpu_cu_enter(c, err);
+    if (rc != LC_OK)
+        return rc;
+    /* out may be x: each element is read before it is written, by the same thread */
+    k_window<<<gpu_cu_grid(c, n), CU_THREADS, 0, c->stream>>>(x, n, a, b, inv, out);
+    return gpu_cu_launched(err, "launch the window kernel");
+}
+
+/* Counts non-zero bytes four at a time (cudaMalloc'd volumes are 256-byte aligned); one
+ * atomicAdd per block. */
+__global__ static void k_count(const uint8_t *__restrict__ m, size_t n,
+                               unsigned long long *__restrict__ total)
+{
+    __shared__ unsigned long long warp_sum[CU_THREADS / 32];
+    const uint32_t *w = reinterpret_cast<const uint32_t *>(m);
+    size_t nw = n / 4;
+    unsigned long long cnt = 0;
+    for (size_t i = first_index(); i < nw; i += grid_stride())
+        cnt += __popc(__vcmpne4(w[i], 0u)) / 8;
+    for (size_t i = nw * 4 + first_index(); i < n; i += grid_stride())
+        cnt += m[i] != 0;
+    for (int off = 16; off > 0; off >>= 1)
+        cnt += __shfl_down_sync(0xffffffffu, cnt, off);
+    if ((threadIdx.x & 31u) == 0)
+        warp_sum[threadIdx.x >> 5] = cnt;
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        unsigned long long s = 0;
+        for (unsigned k = 0; k < blockDim.x / 32; k++)
+            s += warp_sum[k];
+        atomicAdd(total, s);
+    }
+}
+
+lc_rc gpu_cu_count(void *impl, const uint8_t *m, size_t n, uint64_t *count, lc_err *err)
+{
+    gpu_cu_impl *c = static_cast<gpu_cu_impl *>(impl);
+    unsigned long long total = 0;
+    cudaError_t e;
+    lc_rc rc = gpu_cu_enter(c, err);
+    if (rc != LC_OK)
+        return rc;
+    if ((e = cudaMemsetAsync(c->d_scalar, 0, sizeof(total), c->stream)) != cudaSuccess)
+        return gpu_cu_fail(err, e, "clear a device counter");
+    k_count<<<gpu_cu_grid(c, n / 4 + 1), CU_THREADS, 0, c->stream>>>(m, n, c->d_scalar);
+    if ((rc = gpu_cu_launched(err, "launch the count kernel")) != LC_OK ||
+        (rc = gpu_cu_fetch(c, &total, c->d_scalar, sizeof(total), "count mask voxels", err)) !=
+            LC_OK)
+        return rc;
+    *count = total;
     return LC_OK;
 }

@@ -9,12 +9,8 @@
 #include <stdlib.h>
 #include <string.h>
 #include <unistd.h>
-#include "gpu_internal.h"
+#include "ref_internal.h"
 #include "ref_par.h"
-
-typedef struct ref_impl {
-    int threads;
-} ref_impl;
 
 static void ref_close(void *impl)
 {
@@ -164,6 +160,69 @@ static lc_rc ref_threshold(void *impl, const float *x, size_t n, float lo, float
     return LC_OK;
 }
 
+/* --- window ------------------------------------------------------------------------------- */
+
+typedef struct win_job {
+    const float *x;
+    float a, b, inv;
+    float *out;
+} win_job;
+
+static void win_part(void *arg, int part, size_t begin, size_t end)
+{
+    win_job *job = arg;
+    (void)part;
+    for (size_t i = begin; i < end; i++) {
+        float v = job->x[i];
+        if (isnan(v)) {
+            job->out[i] = v;
+            continue;
+        }
+        float c = v < job->a ? job->a : v > job->b ? job->b : v;
+        float r = (c - job->a) * job->inv;
+        job->out[i] = r > 1.0f ? 1.0f : r;
+    }
+}
+
+static lc_rc ref_window(void *impl, const float *x, size_t n, float a, float b, float inv,
+                        float *out, lc_err *err)
+{
+    ref_impl *r = impl;
+    win_job job = {.x = x, .a = a, .b = b, .inv = inv, .out = out};
+    (void)err;
+    ref_run(r->threads, n, win_part, &job);
+    return LC_OK;
+}
+
+/* --- count -------------------------------------------------------------------------------- */
+
+typedef struct count_job {
+    const uint8_t *m;
+    uint64_t count[REF_MAX_THREADS];
+} count_job;
+
+static void count_part(void *arg, int part, size_t begin, size_t end)
+{
+    count_job *job = arg;
+    uint64_t c = 0;
+    for (size_t i = begin; i < end; i++)
+        c += job->m[i] != 0;
+    job->count[part] = c;
+}
+
+static lc_rc ref_count(void *impl, const uint8_t *m, size_t n, uint64_t *count, lc_err *err)
+{
+    ref_impl *r = impl;
+    count_job job = {.m = m};
+    uint64_t c = 0;
+    (void)err;
+    ref_run(r->threads, n, count_part, &job);
+    for (int i = 0; i < ref_parts(r->threads, n); i++)
+        c += job.count[i];
+    *count = c;
+    return LC_OK;
+}
+
 static const gpu_ops ref_ops = {
     .close = ref_close,
     .alloc = ref_alloc,
@@ -173,6 +232,15 @@ static const gpu_ops ref_ops = {
     .minmax = ref_minmax,
     .histogram = ref_histogram,
     .threshold = ref_threshold,
+    .window = ref_window,
+    .count = ref_count,
+    .morph = ref_morph,
+    .label_scratch = ref_label_scratch,
+    .label = ref_label,
+    .label_sizes = ref_label_sizes,
+    .lut = ref_lut,
+    .mark_border = ref_mark_border,
+    .resample = ref_resample,
 };
 
 lc_rc gpu_ref_open(int threads, const gpu_ops **ops, void **impl, char *desc, size_t cap,

@@ -18,14 +18,24 @@ typedef struct part {
     int started;
 } part;
 
-int ref_parts(int threads, size_t n)
+static int parts_of(int threads, size_t units, size_t min_units)
 {
-    size_t by_size = n / REF_MIN_PART;
+    size_t by_size = units / (min_units ? min_units : 1);
     if (threads > REF_MAX_THREADS)
         threads = REF_MAX_THREADS;
     if (threads < 1 || by_size < 2)
         return 1;
     return by_size < (size_t)threads ? (int)by_size : threads;
+}
+
+int ref_parts(int threads, size_t n)
+{
+    return parts_of(threads, n, REF_MIN_PART);
+}
+
+int ref_units_parts(int threads, size_t units, size_t min_units)
+{
+    return parts_of(threads, units, min_units);
 }
 
 static void *part_main(void *p)
@@ -35,16 +45,16 @@ static void *part_main(void *p)
     return NULL;
 }
 
-void ref_run(int threads, size_t n, ref_part_fn fn, void *arg)
+/* Runs np parts of [0, n) of `chunk` units each (the last gets the rest), part 0 on the
+ * calling thread. */
+static void run_parts(int np, size_t n, size_t chunk, ref_part_fn fn, void *arg)
 {
-    int np = ref_parts(threads, n);
     part parts[REF_MAX_THREADS];
 
     if (np == 1) {
         fn(arg, 0, 0, n);
         return;
     }
-    size_t chunk = (n / (size_t)np + ALIGN - 1) / ALIGN * ALIGN;
     for (int i = 0; i < np; i++) {
         size_t b = chunk * (size_t)i, e = chunk * (size_t)(i + 1);
         parts[i] = (part){.fn = fn, .arg = arg, .index = i};
@@ -60,4 +70,16 @@ void ref_run(int threads, size_t n, ref_part_fn fn, void *arg)
         else
             part_main(&parts[i]);
     }
+}
+
+void ref_run(int threads, size_t n, ref_part_fn fn, void *arg)
+{
+    int np = ref_parts(threads, n);
+    run_parts(np, n, (n / (size_t)np + ALIGN - 1) / ALIGN * ALIGN, fn, arg);
+}
+
+void ref_run_units(int threads, size_t units, size_t min_units, ref_part_fn fn, void *arg)
+{
+    int np = ref_units_parts(threads, units, min_units);
+    run_parts(np, units, units / (size_t)np, fn, arg);
 }

@@ -23,4 +23,10 @@ int ref_parts(int threads, size_t n);
  * runs on the calling thread instead, so this never fails. */
 void ref_run(int threads, size_t n, ref_part_fn fn, void *arg);
 
+/* The same over `units` work units (rows, slices) with at least min_units per part (>= 1) and
+ * no alignment: parts get units / nparts each, the last part the remainder. ref_units_parts
+ * says how many parts ref_run_units uses; part boundaries depend only on its arguments. */
+int ref_units_parts(int threads, size_t units, size_t min_units);
+void ref_run_units(int threads, size_t units, size_t min_units, ref_part_fn fn, void *arg);
+
 #endif

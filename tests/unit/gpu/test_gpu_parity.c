@@ -1,6 +1,8 @@
 /*
  * test_gpu_parity.c: the CUDA backend against the CPU reference on random and structured
- * volumes: histograms, min/max, Otsu thresholds and masks must be bit-identical. Without a
+ * volumes: histograms, min/max, Otsu thresholds, masks, morphology, labels, component sizes
+ * and filtering, hole filling, windows and nearest-neighbour resampling must be bit-identical;
+ * trilinear resampling within 1e-6 of the value range (by design identical too). Without a
  * CUDA device (or a build without CUDA) those tests are skipped, saying so. One more test
  * compares our Otsu threshold (CPU) with scikit-image's threshold_otsu, run by python3 on the
  * same voxels, within one bin width.
@@ -308,6 +310,276 @@ static void test_cuda_errors(void **state)
     gpu_vol_free(v);
 }
 
+/* --- segmentation kernels ------------------------------------------------------------------ */
+
+/* A mask of balls and shells (cavities) with 3% of voxels flipped, or (dense != 0) 45%
+ * random voxels, over every percolation threshold: one giant component crossing every block
+ * and slab with thousands of small ones beside it. */
+static uint8_t *seg_mask(size_t nx, size_t ny, size_t nz, int dense, uint64_t seed)
+{
+    size_t n = nx * ny * nz;
+    uint8_t *m = calloc(n, 1);
+    assert_non_null(m);
+    if (dense) {
+        for (size_t i = 0; i < n; i++)
+            m[i] = rng_unit(&seed) < 0.45;
+        return m;
+    }
+    for (int b = 0; b < 20; b++) {
+        double cx = rng_unit(&seed) * nx, cy = rng_unit(&seed) * ny, cz = rng_unit(&seed) * nz;
+        double r = 2 + rng_unit(&seed) * (double)(nx < ny ? nx : ny) / 5,
+               inner = b % 3 ? -1 : r * 0.6;
+        for (size_t z = 0; z < nz; z++)
+            for (size_t y = 0; y < ny; y++)
+                for (size_t x = 0; x < nx; x++) {
+                    double d =
+                        sqrt((x - cx) * (x - cx) + (y - cy) * (y - cy) + (z - cz) * (z - cz) * 2);
+                    if (d <= r && d > inner)
+                        m[(z * ny + y) * nx + x] = 1;
+                }
+    }
+    for (size_t i = 0; i < n; i++)
+        if (rng_unit(&seed) < 0.03)
+            m[i] ^= 1;
+    return m;
+}
+
+#define SEG_OK(ctx, call)                                                                          \
+    do {                                                                                           \
+        lc_err e_ = {0};                                                                           \
+        lc_err *err = &e_;                                                                         \
+        if ((call) != LC_OK)                                                                       \
+            fail_msg("%s on %s: %s", #call, gpu_ctx_describe(ctx), lc_err_msg(err));               \
+    } while (0)
+
+static void *seg_download(gpu_ctx *ctx, gpu_vol *v)
+{
+    size_t n = gpu_vol_voxels(v) * (gpu_vol_dtype(v) == GPU_U8 ? 1 : 4);
+    void *h = malloc(n);
+    assert_non_null(h);
+    SEG_OK(ctx, gpu_vol_download(ctx, v, h, err));
+    return h;
+}
+
+static void same_bytes(const char *what, const char *vname, const void *a, const void *b, size_t n)
+{
+    if (memcmp(a, b, n) == 0)
+        return;
+    const uint8_t *x = a, *y = b;
+    size_t i = 0;
+    while (x[i] == y[i])
+        i++;
+    fail_msg("%s on %s: byte %zu differs (cpu %d, cuda %d)", what, vname, i, x[i], y[i]);
+}
+
+typedef struct seg_case {
+    const char *name;
+    size_t nx, ny, nz;
+    int dense;
+} seg_case;
+
+/* Every segmentation kernel on both backends: masks, labels and counts identical, resampled
+ * images within 1e-6 of the value range (by design they are identical too). */
+static void compare_seg(const fixture *f, const seg_case *sc, uint64_t seed)
+{
+    static const struct {
+        gpu_morph_op op;
+        double r;
+        double sp[3];
+    } morphs[] = {
+        {GPU_MORPH_ERODE, 1, {1, 1, 1}},         {GPU_MORPH_DILATE, 1, {1, 1, 1}},
+        {GPU_MORPH_OPEN, 2, {1, 1, 1}},          {GPU_MORPH_CLOSE, 3, {1, 1, 1}},
+        {GPU_MORPH_DILATE, 5, {0.7, 0.7, 2.5}},  {GPU_MORPH_ERODE, 10, {1, 1, 1}},
+        {GPU_MORPH_CLOSE, 4.5, {0.9, 0.6, 1.2}}, {GPU_MORPH_OPEN, 0.5, {1, 1, 1}},
+    };
+    static const int conns[4] = {6, 26, 4, 8};
+    size_t nx = sc->nx, ny = sc->ny, nz = sc->nz, n = nx * ny * nz;
+    uint8_t *m = seg_mask(nx, ny, nz, sc->dense, seed);
+    vol img = vol_bimodal(nx, ny, nz, seed + 1);
+    gpu_ctx *ctx[2] = {f->cpu, f->cuda};
+    gpu_vol *vm[2], *vo[2], *vl[2], *vi[2];
+    for (int b = 0; b < 2; b++) {
+        SEG_OK(ctx[b], gpu_vol_upload(ctx[b], GPU_U8, m, nx, ny, nz, &vm[b], err));
+        SEG_OK(ctx[b], gpu_vol_new(ctx[b], GPU_U8, nx, ny, nz, &vo[b], err));
+        SEG_OK(ctx[b], gpu_vol_new(ctx[b], GPU_I32, nx, ny, nz, &vl[b], err));
+        vi[b] = upload(ctx[b], &img);
+    }
+    char what[128];
+    for (size_t k = 0; k < sizeof(morphs) / sizeof(morphs[0]); k++) {
+        void *h[2];
+        for (int b = 0; b < 2; b++) {
+            SEG_OK(ctx[b], gpu_morphology(ctx[b], morphs[k].op, vm[b], morphs[k].r, morphs[k].sp,
+                                          vo[b], err));
+            h[b] = seg_download(ctx[b], vo[b]);
+        }
+        snprintf(what, sizeof(what), "morphology %d radius %g", (int)morphs[k].op, morphs[k].r);
+        same_bytes(what, sc->name, h[0], h[1], n);
+        free(h[0]);
+        free(h[1]);
+    }
+    for (int c = 0; c < 4; c++) {
+        size_t nl[2], kept[2];
+        void *h[2], *fh[2], *kh[2];
+        uint64_t *sz[2];
+        for (int b = 0; b < 2; b++) {
+            SEG_OK(ctx[b], gpu_label(ctx[b], vm[b], conns[c], vl[b], &nl[b], err));
+            h[b] = seg_download(ctx[b], vl[b]);
+        }
+        if (nl[0] != nl[1])
+            fail_msg("%s: connectivity %d: cpu %zu labels, cuda %zu", sc->name, conns[c], nl[0],
+                     nl[1]);
+        snprintf(what, sizeof(what), "labels (connectivity %d)", conns[c]);
+        same_bytes(what, sc->name, h[0], h[1], n * sizeof(int32_t));
+        for (int b = 0; b < 2; b++) {
+            sz[b] = malloc((nl[b] + 1) * sizeof(uint64_t));
+            assert_non_null(sz[b]);
+            SEG_OK(ctx[b], gpu_label_sizes(ctx[b], vl[b], nl[b], sz[b], err));
+            SEG_OK(ctx[b], gpu_select_components(ctx[b], vl[b], nl[b], 3, 2, vo[b], &kept[b], err));
+            kh[b] = seg_download(ctx[b], vo[b]);
+            SEG_OK(ctx[b], gpu_fill_holes(ctx[b], vm[b], conns[c], vo[b], err));
+            fh[b] = seg_download(ctx[b], vo[b]);
+        }
+        snprintf(what, sizeof(what), "sizes (connectivity %d)", conns[c]);
+        same_bytes(what, sc->name, sz[0], sz[1], (nl[0] + 1) * sizeof(uint64_t));
+        assert_int_equal(kept[0], kept[1]);
+        snprintf(what, sizeof(what), "3 largest (connectivity %d)", conns[c]);
+        same_bytes(what, sc->name, kh[0], kh[1], n);
+        snprintf(what, sizeof(what), "fill holes (connectivity %d)", conns[c]);
+        same_bytes(what, sc->name, fh[0], fh[1], n);
+        for (int b = 0; b < 2; b++) {
+            free(h[b]);
+            free(sz[b]);
+            free(kh[b]);
+            free(fh[b]);
+        }
+    }
+    uint64_t cnt[2];
+    for (int b = 0; b < 2; b++)
+        SEG_OK(ctx[b], gpu_count_nonzero(ctx[b], vm[b], &cnt[b], err));
+    assert_int_equal(cnt[0], cnt[1]);
+
+    /* resampling: down and up, linear and nearest (f32, u8 and i32) */
+    static const double sps[2][2][3] = {{{0.7, 0.8, 2.5}, {1.0, 1.1, 1.5}},
+                                        {{1.0, 1.0, 3.0}, {0.8, 1.0, 1.0}}};
+    float lo, hi;
+    SEG_OK(f->cpu, gpu_minmax(f->cpu, vi[0], &lo, &hi, err));
+    double tol = 1e-6 * (fabs(lo) + fabs(hi));
+    for (int k = 0; k < 2; k++) {
+        size_t in_dims[3] = {nx, ny, nz}, d[3];
+        SEG_OK(f->cpu, gpu_resample_dims(in_dims, sps[k][0], sps[k][1], d, err));
+        size_t on = d[0] * d[1] * d[2];
+        float *lin[2];
+        void *nu8[2], *ni32[2];
+        for (int b = 0; b < 2; b++) {
+            gpu_vol *of, *om, *ol;
+            SEG_OK(ctx[b], gpu_vol_new(ctx[b], GPU_F32, d[0], d[1], d[2], &of, err));
+            SEG_OK(ctx[b], gpu_vol_new(ctx[b], GPU_U8, d[0], d[1], d[2], &om, err));
+            SEG_OK(ctx[b], gpu_vol_new(ctx[b], GPU_I32, d[0], d[1], d[2], &ol, err));
+            SEG_OK(ctx[b],
+                   gpu_resample(ctx[b], vi[b], sps[k][0], sps[k][1], GPU_INTERP_LINEAR, of, err));
+            lin[b] = seg_download(ctx[b], of);
+            SEG_OK(ctx[b],
+                   gpu_resample(ctx[b], vm[b], sps[k][0], sps[k][1], GPU_INTERP_NEAREST, om, err));
+            nu8[b] = seg_download(ctx[b], om);
+            SEG_OK(ctx[b],
+                   gpu_resample(ctx[b], vl[b], sps[k][0], sps[k][1], GPU_INTERP_NEAREST, ol, err));
+            ni32[b] = seg_download(ctx[b], ol);
+            gpu_vol_free(of);
+            gpu_vol_free(om);
+            gpu_vol_free(ol);
+        }
+        size_t exact = 0;
+        for (size_t i = 0; i < on; i++) {
+            double e = fabs((double)lin[0][i] - lin[1][i]);
+            if (!(e <= tol))
+                fail_msg("%s: trilinear voxel %zu: cpu %.9g, cuda %.9g (tolerance %g)", sc->name, i,
+                         (double)lin[0][i], (double)lin[1][i], tol);
+            exact += memcmp(&lin[0][i], &lin[1][i], sizeof(float)) == 0;
+        }
+        print_message("%s: resampled to %zux%zux%zu: %zu of %zu trilinear voxels bit-identical\n",
+                      sc->name, d[0], d[1], d[2], exact, on);
+        same_bytes("nearest u8", sc->name, nu8[0], nu8[1], on);
+        same_bytes("nearest i32", sc->name, ni32[0], ni32[1], on * 4);
+        for (int b = 0; b < 2; b++) {
+            free(lin[b]);
+            free(nu8[b]);
+            free(ni32[b]);
+        }
+    }
+    /* window last: it rewrites the image in place */
+    void *wh[2];
+    for (int b = 0; b < 2; b++) {
+        SEG_OK(ctx[b], gpu_window(ctx[b], vi[b], 40.0f, 400.0f, vi[b], err));
+        wh[b] = seg_download(ctx[b], vi[b]);
+    }
+    same_bytes("window", sc->name, wh[0], wh[1], n * sizeof(float));
+    for (int b = 0; b < 2; b++) {
+        free(wh[b]);
+        gpu_vol_free(vm[b]);
+        gpu_vol_free(vo[b]);
+        gpu_vol_free(vl[b]);
+        gpu_vol_free(vi[b]);
+    }
+    vol_free(&img);
+    free(m);
+}
+
+static void test_parity_seg_blobs(void **state)
+{
+    fixture *f = fix(state, 1);
+    const seg_case c = {"blobs 97x89x61", 97, 89, 61, 0};
+    compare_seg(f, &c, 21);
+}
+
+static void test_parity_seg_wide(void **state)
+{
+    fixture *f = fix(state, 1);
+    /* rows longer than a distance tile (256) and slices of many combine tiles */
+    const seg_case c = {"blobs 515x300x9", 515, 300, 9, 0};
+    compare_seg(f, &c, 22);
+}
+
+static void test_parity_seg_dense(void **state)
+{
+    fixture *f = fix(state, 1);
+    const seg_case c = {"45% random 128x96x80", 128, 96, 80, 1};
+    compare_seg(f, &c, 23);
+}
+
+static void test_parity_seg_thin(void **state)
+{
+    fixture *f = fix(state, 1);
+    const seg_case cases[3] = {
+        {"row 1000x1x1", 1000, 1, 1, 1},
+        {"column 1x1x300", 1, 1, 300, 1},
+        {"voxel 1x1x1", 1, 1, 1, 1},
+    };
+    for (int i = 0; i < 3; i++)
+        compare_seg(f, &cases[i], 24 + (uint64_t)i);
+}
+
+/* The memory limit refuses on CUDA as on the CPU, and warm-up runs there. */
+static void test_cuda_limit_and_warm_up(void **state)
+{
+    fixture *f = fix(state, 1);
+    (void)f;
+    gpu_ctx *ctx = NULL;
+    gpu_vol *v = NULL;
+    gpu_mem_stats st;
+    lc_err err = {0};
+    gpu_ctx_opts o = {.backend = GPU_BACKEND_CUDA, .memory_limit = 1 << 20, .warm_up = 1};
+    assert_int_equal(gpu_ctx_open(&o, &ctx, &err), LC_OK);
+    assert_int_equal(gpu_ctx_backend(ctx), GPU_BACKEND_CUDA);
+    gpu_ctx_memory(ctx, &st);
+    assert_int_equal(st.used, 0);
+    assert_true(st.peak > 0);
+    assert_int_equal(gpu_vol_new(ctx, GPU_F32, 1024, 1024, 1, &v, &err), LC_ERR_TOO_LARGE);
+    assert_non_null(strstr(err.msg, "gpu memory limit"));
+    assert_int_equal(gpu_vol_new(ctx, GPU_F32, 512, 512, 1, &v, &err), LC_OK);
+    gpu_vol_free(v);
+    gpu_ctx_free(ctx);
+}
+
 /* --- scikit-image -------------------------------------------------------------------------- */
 
 #define SKIMAGE_OTSU                                                                               \
@@ -414,7 +686,10 @@ int main(void)
         cmocka_unit_test(test_parity_uniform),       cmocka_unit_test(test_parity_bimodal),
         cmocka_unit_test(test_parity_sphere),        cmocka_unit_test(test_parity_integers),
         cmocka_unit_test(test_parity_nan_and_zeros), cmocka_unit_test(test_parity_tiny),
-        cmocka_unit_test(test_cuda_errors),          cmocka_unit_test(test_otsu_matches_skimage),
+        cmocka_unit_test(test_cuda_errors),          cmocka_unit_test(test_parity_seg_blobs),
+        cmocka_unit_test(test_parity_seg_wide),      cmocka_unit_test(test_parity_seg_dense),
+        cmocka_unit_test(test_parity_seg_thin),      cmocka_unit_test(test_cuda_limit_and_warm_up),
+        cmocka_unit_test(test_otsu_matches_skimage),
     };
     return cmocka_run_group_tests(tests, group_setup, group_teardown);
 }
