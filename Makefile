@@ -45,15 +45,26 @@ else
   LDOPT :=
 endif
 
-# CUDA: nvcc from PATH, else the standard install location.
+# CUDA: nvcc from PATH, else the standard install location. CUDA_HOME is the toolkit that
+# holds libcudart_static.a: nvcc's own parent when it is a real toolkit, else /usr/local/cuda
+# (an nvcc on PATH may be a wrapper script in /usr/local/bin). No runtime found: CPU build.
 NVCC ?= $(firstword $(shell command -v nvcc 2>/dev/null) $(wildcard /usr/local/cuda/bin/nvcc))
+cuda_rt = $(firstword $(wildcard $(1)/lib64/libcudart_static.a $(1)/lib/libcudart_static.a \
+            $(1)/targets/x86_64-linux/lib/libcudart_static.a))
 ifneq ($(strip $(NVCC)),)
-  CUDA_HOME := $(abspath $(dir $(NVCC))..)
+  CUDA_HOME ?= $(firstword $(foreach d,$(abspath $(dir $(realpath $(NVCC)))..) \
+                 $(abspath $(dir $(NVCC))..) /usr/local/cuda,$(if $(call cuda_rt,$(d)),$(d))))
+  ifeq ($(strip $(CUDA_HOME)),)
+    $(warning nvcc found at $(NVCC) but no libcudart_static.a beside it: building the CPU path only)
+    NVCC :=
+  endif
+endif
+ifneq ($(strip $(NVCC)),)
   CUDA_ARCH ?= -gencode arch=compute_80,code=sm_80 -gencode arch=compute_90,code=sm_90 \
                -gencode arch=compute_90,code=compute_90
   GPU_CU := $(wildcard gpu/cuda/*.cu)
   GPU_DEFS := -DRADPIPE_HAVE_CUDA=1
-  CUDA_LIBS := -L$(CUDA_HOME)/lib64 -lcudart_static -lrt
+  CUDA_LIBS := -L$(dir $(call cuda_rt,$(CUDA_HOME))) -lcudart_static -lrt
   NVCCFLAGS := -O3 -std=c++17 $(CUDA_ARCH) -Ilibcommon/include -Igpu $(GPU_DEFS) \
                -Xcompiler -Wall,-fno-omit-frame-pointer -MMD -MP
 endif
