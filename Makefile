@@ -18,7 +18,7 @@ BUILD := build/$(MODE)
 CC := gcc
 CXX := g++
 
-PKGS := rdkafka libpq libcjson libcurl libcrypto libpng zlib
+PKGS := rdkafka libpq libcjson libcurl libcrypto libpng zlib expat libarchive
 PKG_CFLAGS := $(shell pkg-config --cflags $(PKGS) 2>/dev/null)
 PKG_LIBS := $(shell pkg-config --libs $(PKGS) 2>/dev/null)
 GDCM_CFLAGS := -I/usr/include/gdcm-3.0

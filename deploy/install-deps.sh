@@ -11,7 +11,7 @@ here=$(cd "$(dirname "$0")/.." && pwd)
 
 base="build-essential pkg-config libcivetweb-dev librdkafka-dev libpq-dev libcjson-dev
 libgdcm-dev libgdcm-tools libcurl4-openssl-dev libssl-dev libnifti2-dev zlib1g-dev libpng-dev
-libcmocka-dev libexpat1-dev postgresql kcat dcmtk awscli docker-compose clang libclang-rt-14-dev
+libcmocka-dev libexpat1-dev libarchive-dev postgresql kcat dcmtk dcm2niix dicom3tools awscli docker-compose clang libclang-rt-14-dev
 clang-tidy cppcheck procps curl ca-certificates python3-skimage python3-numpy python3-scipy python3-yaml"
 bench="orthanc orthanc-dicomweb python3-pydicom wrk hyperfine"
 

@@ -1,14 +1,14 @@
 /*
- * dicom.cc: lc_dicom_* (lc/dicom.h) over GDCM 3: header parse that stops at Pixel Data, pixel
- * decode to float32 through GDCM's codecs, Specific Character Set decoding to UTF-8 (iconv), UID
- * syntax check. Debian's GDCM 3.0.21 keeps assert() and trusts lengths and codestreams, so every
- * input is first walked and checked here (Walker, *_ok) and GDCM only reads checked bytes.
- * Results are malloc'd and owned by the caller. Reentrant: each call has its own GDCM objects;
- * the only shared state is GDCM's read-only dictionaries and its trace switches, set once.
- * No C++ exception crosses the C boundary: every entry point catches all of them.
+ * dicom.cc: lc_dicom_* (lc/dicom.h): the header fill, the C entry points and pixel decoding.
+ * Every input is first walked and checked (dicom_walk.cc), which records the element tree;
+ * header values and the DICOM JSON (dicom_json.cc) are read straight from that tree, so the
+ * common case never builds a GDCM data set. GDCM 3 decodes pixels, from the same checked
+ * bytes: Debian's GDCM 3.0.21 keeps assert() and trusts lengths and codestreams, so what it
+ * reads is checked here first (the walk, *_ok). Results are malloc'd and owned by the caller.
+ * Reentrant: each call has its own state; shared are only read-only tables and GDCM's trace
+ * switches, set once. No C++ exception crosses the C boundary: every entry point catches all.
  */
 #include <algorithm>
-#include <cstdarg>
 #include <cerrno>
 #include <cmath>
 #include <cstdint>
@@ -24,10 +24,8 @@
 #include <vector>
 
 #include <fcntl.h>
-#include <iconv.h>
 #include <sys/stat.h>
 #include <unistd.h>
-#include <zlib.h>
 
 /* GDCM's headers trip -Wdeprecated-copy under clang's -Wextra: not ours to fix */
 #pragma GCC diagnostic push
@@ -35,10 +33,10 @@
 #ifdef __clang__
 #pragma clang diagnostic ignored "-Wdeprecated-copy-with-user-provided-copy"
 #endif
+#include "gdcmBitmap.h"
 #include "gdcmDataSet.h"
 #include "gdcmExplicitDataElement.h"
 #include "gdcmFragment.h"
-#include "gdcmBitmap.h"
 #include "gdcmImplicitDataElement.h"
 #include "gdcmItem.h"
 #include "gdcmSequenceOfFragments.h"
@@ -48,10 +46,26 @@
 #include "gdcmTransferSyntax.h"
 #pragma GCC diagnostic pop
 
+#include "dicom_internal.h"
+
+#include <openssl/evp.h>
+
 extern "C" {
 #include "lc/dicom.h"
 #include "lc/rc.h"
 }
+
+using lcdcm::Charset;
+using lcdcm::Enc;
+using lcdcm::Input;
+using lcdcm::N_ITEM;
+using lcdcm::N_SEQ;
+using lcdcm::N_VALUE;
+using lcdcm::Node;
+using lcdcm::Scan;
+using lcdcm::strf;
+using lcdcm::Tree;
+using lcdcm::vr2;
 
 namespace
 {
@@ -100,936 +114,71 @@ class MemBuf : public std::streambuf
     }
 };
 
-const gdcm::Tag kPixelData(0x7fe0, 0x0010);
+/* ---- value access over the checked tree -------------------------------------------------- */
 
-std::string strf(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
-std::string strf(const char *fmt, ...)
-{
-    char buf[256];
-    va_list ap;
-    va_start(ap, fmt);
-    vsnprintf(buf, sizeof(buf), fmt, ap);
-    va_end(ap);
-    return buf;
-}
-
-/* ---- character sets ---------------------------------------------------------------------- */
-
-const char kReplacement[] = "\xEF\xBF\xBD"; /* U+FFFD */
-
-/* A code element of ISO 2022 as DICOM uses it (PS3.3 C.12.1.1.2, PS3.5 6.1.2.5). */
-enum CodeSet {
-    CS_NONE,     /* no G1 set: bytes >= 0x80 are invalid */
-    CS_ASCII,    /* G0, ISO IR 6 (also used for JIS X 0201 Romaji, see decode_2022) */
-    CS_KATAKANA, /* G1, JIS X 0201 Katakana (ISO IR 13) */
-    CS_JIS0208,  /* G0, 2 bytes (ISO IR 87) */
-    CS_JIS0212,  /* G0, 2 bytes (ISO IR 159) */
-    CS_KSX1001,  /* G1, 2 bytes (ISO IR 149) */
-    CS_GB2312,   /* G1, 2 bytes (ISO IR 58) */
-    CS_LATIN1,   /* G1, ISO 8859-1 upper half, converted without iconv */
-    CS_SB96,     /* G1, another ISO 8859 / TIS-620 upper half through iconv */
+/* The top-level elements the header needs, found in one pass (the first of a repeated tag
+ * wins, as in GDCM's data set). Sorted: looked up by binary search. */
+const uint32_t kWanted[] = {
+    0x00080005, 0x00080016, 0x00080018, 0x00080020, 0x00080021, 0x00080023, 0x00080030,
+    0x00080031, 0x00080033, 0x00080050, 0x00080060, 0x00080080, 0x00080090, 0x00080201,
+    0x00081030, 0x0008103E, 0x00100010, 0x00100020, 0x00100021, 0x00100030, 0x00100040,
+    0x00180015, 0x00180050, 0x0020000D, 0x0020000E, 0x00200010, 0x00200011, 0x00200013,
+    0x00200032, 0x00200037, 0x00200105, 0x00201002, 0x00280002, 0x00280004, 0x00280008,
+    0x00280010, 0x00280011, 0x00280030, 0x00280100, 0x00280101, 0x00280102, 0x00280103,
+    0x00281052, 0x00281053, 0x00400244, 0x00400245, 0x00400275, 0x52009229, 0x52009230,
 };
+const size_t kNWanted = sizeof(kWanted) / sizeof(kWanted[0]);
 
-struct G1Set {
-    CodeSet set;
-    const char *iconv_name; /* CS_SB96 only */
-};
-
-/* Single-byte G1 sets, by ISO IR number and by the final byte of ESC - F. */
-struct Sb96 {
-    int ir;
-    char final_byte;
-    CodeSet set;
-    const char *iconv_name;
-};
-const Sb96 kSb96[] = {
-    {100, 'A', CS_LATIN1, nullptr},    {101, 'B', CS_SB96, "ISO-8859-2"},
-    {109, 'C', CS_SB96, "ISO-8859-3"}, {110, 'D', CS_SB96, "ISO-8859-4"},
-    {144, 'L', CS_SB96, "ISO-8859-5"}, {127, 'G', CS_SB96, "ISO-8859-6"},
-    {126, 'F', CS_SB96, "ISO-8859-7"}, {138, 'H', CS_SB96, "ISO-8859-8"},
-    {148, 'M', CS_SB96, "ISO-8859-9"}, {203, 'b', CS_SB96, "ISO-8859-15"},
-    {166, 'T', CS_SB96, "TIS-620"},
-};
-
-/* The parsed Specific Character Set: a whole-value encoding, or the ISO 2022 defaults. */
-struct Charset {
-    const char *whole = nullptr; /* "UTF-8", "GB18030", "GBK": the value is converted at once */
-    CodeSet g0 = CS_ASCII;       /* initial and reset state of the 2022 decoder */
-    G1Set g1 = {CS_NONE, nullptr};
-};
-
-void put_utf8(std::string &out, uint32_t cp)
-{
-    if (cp < 0x80) {
-        out += char(cp);
-    } else if (cp < 0x800) {
-        out += char(0xC0 | (cp >> 6));
-        out += char(0x80 | (cp & 0x3F));
-    } else {
-        out += char(0xE0 | (cp >> 12));
-        out += char(0x80 | ((cp >> 6) & 0x3F));
-        out += char(0x80 | (cp & 0x3F));
-    }
-}
-
-/* Convert n bytes in charset name to UTF-8, appending; invalid input becomes U+FFFD. */
-void iconv_append(std::string &out, const char *name, const char *p, size_t n)
-{
-    if (n == 0)
-        return;
-    iconv_t cd = iconv_open("UTF-8", name);
-    if (cd == (iconv_t)-1) {
-        for (size_t i = 0; i < n; i++) {
-            if ((unsigned char)p[i] < 0x80)
-                out += p[i];
-            else
-                out += kReplacement;
-        }
-        return;
-    }
-    char buf[512];
-    char *in = const_cast<char *>(p);
-    size_t inleft = n;
-    while (inleft > 0) {
-        char *o = buf;
-        size_t oleft = sizeof(buf);
-        size_t r = iconv(cd, &in, &inleft, &o, &oleft);
-        out.append(buf, size_t(o - buf));
-        if (r == (size_t)-1) {
-            if (errno == E2BIG)
-                continue;
-            /* EILSEQ: skip one byte; EINVAL: an incomplete sequence at the end */
-            out += kReplacement;
-            if (errno == EINVAL) {
-                break;
-            }
-            in++;
-            inleft--;
-            iconv(cd, nullptr, nullptr, nullptr, nullptr);
-        }
-    }
-    iconv_close(cd);
-}
-
-bool all_ascii(const char *p, size_t n)
-{
-    for (size_t i = 0; i < n; i++)
-        if ((unsigned char)p[i] >= 0x80)
-            return false;
-    return true;
-}
-
-/* One defined term ("ISO_IR 100", "ISO 2022 IR 87", "GB18030") into the charset; returns
- * false for unknown terms (which then leave the default repertoire in place). */
-bool apply_term(Charset &cs, const std::string &t, bool first)
-{
-    if (t == "ISO_IR 192") {
-        cs.whole = "UTF-8";
-        return true;
-    }
-    if (t == "GB18030" || t == "GBK") {
-        cs.whole = t == "GBK" ? "GBK" : "GB18030";
-        return true;
-    }
-    int ir = -1;
-    if (t.compare(0, 7, "ISO_IR ") == 0)
-        ir = atoi(t.c_str() + 7);
-    else if (t.compare(0, 12, "ISO 2022 IR ") == 0)
-        ir = atoi(t.c_str() + 12);
-    if (ir < 0)
-        return false;
-    if (ir == 6)
-        return true;
-    if (ir == 13) {
-        /* JIS X 0201: Romaji in G0 (read as ASCII), half-width Katakana in G1 */
-        if (first)
-            cs.g1 = {CS_KATAKANA, nullptr};
-        return true;
-    }
-    for (const Sb96 &s : kSb96) {
-        if (s.ir == ir) {
-            if (first)
-                cs.g1 = {s.set, s.iconv_name};
-            return true;
-        }
-    }
-    /* 87, 159, 149, 58: only reachable through escape sequences, nothing to set up */
-    return ir == 87 || ir == 159 || ir == 149 || ir == 58;
-}
-
-Charset parse_charset(const char *spec)
-{
+/* Per-parse state of value access: the tree, the top-level elements by kWanted index, the
+ * character set, a scratch string. */
+struct Ctx {
+    const Tree &t;
+    const Node *top[kNWanted];
     Charset cs;
-    if (!spec)
-        return cs;
-    const char *p = spec;
-    bool first = true;
-    for (;;) {
-        const char *e = strchr(p, '\\');
-        size_t n = e ? size_t(e - p) : strlen(p);
-        while (n > 0 && (*p == ' '))
-            p++, n--;
-        while (n > 0 && (p[n - 1] == ' ' || p[n - 1] == '\0'))
-            n--;
-        apply_term(cs, std::string(p, n), first);
-        if (cs.whole)
-            return cs; /* UTF-8 and GB18030 do not combine with code extensions */
-        first = false;
-        if (!e)
-            break;
-        p = e + 1;
-    }
-    return cs;
-}
-
-/* Collects bytes that share one iconv decoder so that runs convert in one call. */
-struct Run {
-    std::string &out;
-    const char *name = nullptr;
-    std::string bytes;
-    explicit Run(std::string &o) : out(o)
+    std::string tmp;
+    explicit Ctx(const Tree &tree) : t(tree), top()
     {
+        lcdcm::each_child(t, SIZE_MAX, [this](size_t i) {
+            const uint32_t tag = t.nodes[i].tag;
+            const uint32_t *w = std::lower_bound(kWanted, kWanted + kNWanted, tag);
+            if (w != kWanted + kNWanted && *w == tag && !top[w - kWanted])
+                top[w - kWanted] = &t.nodes[i];
+        });
     }
-    void add(const char *iconv_name, const char *p, size_t n)
+    const Node *find(uint32_t tag) const
     {
-        if (name != iconv_name && !bytes.empty())
-            flush();
-        name = iconv_name;
-        bytes.append(p, n);
-    }
-    void flush()
-    {
-        if (!bytes.empty())
-            iconv_append(out, name, bytes.data(), bytes.size());
-        bytes.clear();
+        const uint32_t *w = std::lower_bound(kWanted, kWanted + kNWanted, tag);
+        return w != kWanted + kNWanted && *w == tag ? top[w - kWanted] : nullptr;
     }
 };
 
-/* Recognise an escape sequence at p (p[0] == ESC); returns its length, 0 if unknown. */
-size_t parse_escape(const unsigned char *p, size_t n, CodeSet &g0, G1Set &g1)
+/* The first child of node parent with tag (parent: a data set node, i.e. an item). */
+const Node *find_child(const Tree &t, const Node *parent, uint32_t tag)
 {
-    if (n >= 3 && p[1] == '(' && (p[2] == 'B' || p[2] == 'J')) {
-        g0 = CS_ASCII; /* ISO IR 6, or JIS X 0201 Romaji read as ASCII */
-        return 3;
-    }
-    if (n >= 3 && p[1] == ')' && p[2] == 'I') {
-        g1 = {CS_KATAKANA, nullptr};
-        return 3;
-    }
-    if (n >= 3 && p[1] == '$' && (p[2] == 'B' || p[2] == '@')) {
-        g0 = CS_JIS0208;
-        return 3;
-    }
-    if (n >= 4 && p[1] == '$' && p[2] == '(' && p[3] == 'D') {
-        g0 = CS_JIS0212;
-        return 4;
-    }
-    if (n >= 4 && p[1] == '$' && p[2] == ')' && (p[3] == 'C' || p[3] == 'A')) {
-        g1 = {p[3] == 'C' ? CS_KSX1001 : CS_GB2312, nullptr};
-        return 4;
-    }
-    if (n >= 3 && p[1] == '-') {
-        for (const Sb96 &s : kSb96) {
-            if (s.final_byte == (char)p[2]) {
-                g1 = {s.set, s.iconv_name};
-                return 3;
-            }
-        }
-    }
-    return 0;
+    const Node *hit = nullptr;
+    lcdcm::each_child(t, size_t(parent - t.nodes.data()), [&](size_t i) {
+        if (!hit && t.nodes[i].tag == tag)
+            hit = &t.nodes[i];
+    });
+    return hit;
 }
 
-/* ISO 2022 decoding as PS3.5 6.1.2.5 describes: G0 in GL, G1 in GR, escape sequences switch
- * sets, and the first value's sets become active again at control characters, at the value
- * delimiter '\' and, for person names, at the '^' and '=' component delimiters. Delimiters
- * are only recognised in single-byte G0 state: in a 2-byte GL set (JIS X 0208) 0x5C and 0x5E
- * are halves of characters. JIS X 0201 Romaji is read as ASCII: its 0x5C must stay the DICOM
- * value delimiter rather than a yen sign. */
-void decode_2022(std::string &out, const Charset &cs, const unsigned char *p, size_t n, bool pn)
+/* The first item of sequence node sq, or nullptr. */
+const Node *first_item(const Tree &t, const Node *sq)
 {
-    CodeSet g0 = cs.g0;
-    G1Set g1 = cs.g1;
-    Run run(out);
-    size_t i = 0;
-    while (i < n) {
-        unsigned char b = p[i];
-        if (b == 0x1B) {
-            run.flush();
-            size_t k = parse_escape(p + i, n - i, g0, g1);
-            if (k == 0) {
-                out += kReplacement;
-                k = 1;
-            }
-            i += k;
-            continue;
-        }
-        if (b < 0x80) {
-            bool two = (g0 == CS_JIS0208 || g0 == CS_JIS0212) && b >= 0x21 && b <= 0x7E;
-            if (two) {
-                if (i + 1 < n && p[i + 1] >= 0x21 && p[i + 1] <= 0x7E) {
-                    char pair[3];
-                    size_t k = 0;
-                    if (g0 == CS_JIS0212)
-                        pair[k++] = char(0x8F);
-                    pair[k++] = char(b | 0x80);
-                    pair[k++] = char(p[i + 1] | 0x80);
-                    run.add("EUC-JP", pair, k);
-                    i += 2;
-                } else {
-                    run.flush();
-                    out += kReplacement;
-                    i++;
-                }
-                continue;
-            }
-            run.flush();
-            out += char(b);
-            i++;
-            bool reset = b < 0x20 || b == '\\' || (pn && (b == '^' || b == '='));
-            if (reset) {
-                g0 = cs.g0;
-                g1 = cs.g1;
-            }
-            continue;
-        }
-        /* GR: the G1 set */
-        switch (g1.set) {
-        case CS_LATIN1:
-            run.flush();
-            put_utf8(out, b);
-            i++;
-            break;
-        case CS_KATAKANA:
-            run.flush();
-            if (b >= 0xA1 && b <= 0xDF)
-                put_utf8(out, 0xFF61 + (b - 0xA1));
-            else
-                out += kReplacement;
-            i++;
-            break;
-        case CS_SB96:
-            run.add(g1.iconv_name, (const char *)p + i, 1);
-            i++;
-            break;
-        case CS_KSX1001:
-        case CS_GB2312:
-            if (b >= 0xA1 && b <= 0xFE && i + 1 < n && p[i + 1] >= 0xA1 && p[i + 1] <= 0xFE) {
-                run.add(g1.set == CS_KSX1001 ? "EUC-KR" : "GB2312", (const char *)p + i, 2);
-                i += 2;
-            } else {
-                run.flush();
-                out += kReplacement;
-                i++;
-            }
-            break;
-        default:
-            run.flush();
-            out += kReplacement;
-            i++;
-            break;
-        }
-    }
-    run.flush();
-}
-
-/* bytes in charset (parsed) to UTF-8; pn selects the person-name delimiter resets. */
-void to_utf8(std::string &out, const Charset &cs, const char *p, size_t n, bool pn)
-{
-    out.clear();
-    if (all_ascii(p, n) && (cs.whole || !memchr(p, 0x1B, n))) {
-        out.assign(p, n);
-        return;
-    }
-    if (cs.whole)
-        iconv_append(out, cs.whole, p, n);
-    else
-        decode_2022(out, cs, (const unsigned char *)p, n, pn);
-}
-
-/* ---- input and structural pre-scan ------------------------------------------------------- */
-
-/* The bytes being parsed: borrowed memory, or a file read on demand so that a header parse
- * reads little more than the part before Pixel Data. */
-class Input
-{
-  public:
-    Input(const void *p, size_t n)
-        : mem_(static_cast<const unsigned char *>(p)), have_(n), total_(n)
-    {
-    }
-    Input(int fd, size_t total) : fd_(fd), total_(total)
-    {
-    }
-    Input(const Input &) = delete;
-    Input &operator=(const Input &) = delete;
-
-    size_t total() const
-    {
-        return total_;
-    }
-    const unsigned char *data() const
-    {
-        return fd_ >= 0 ? reinterpret_cast<const unsigned char *>(buf_.data()) : mem_;
-    }
-    /* Make bytes [0, end) available; false past the end of the input or on a read error
-     * (io_errno then says which). */
-    bool need(size_t end)
-    {
-        if (end <= have_)
-            return true;
-        if (fd_ < 0 || end > total_)
-            return false;
-        size_t want = std::min(total_, std::max({end, have_ * 2, size_t(64 * 1024)}));
-        buf_.resize(want);
-        while (have_ < want) {
-            ssize_t r = read(fd_, buf_.data() + have_, want - have_);
-            if (r < 0 && errno == EINTR)
-                continue;
-            if (r < 0) {
-                io_errno = errno;
-                return false;
-            }
-            if (r == 0) { /* the file shrank under us: what we have is all there is */
-                total_ = have_;
-                return end <= have_;
-            }
-            have_ += size_t(r);
-        }
-        return true;
-    }
-    int io_errno = 0;
-
-  private:
-    const unsigned char *mem_ = nullptr;
-    int fd_ = -1;
-    std::vector<char> buf_;
-    size_t have_ = 0;
-    size_t total_;
-};
-
-enum class Enc { ImplicitLE, ExplicitLE, ExplicitBE };
-
-/* What the pre-scan learnt. Offsets are into the input, or into inflated when deflated. */
-struct Scan {
-    Enc enc = Enc::ExplicitLE;
-    bool deflated = false;
-    std::string inflated; /* the inflated data set of a deflated file */
-    size_t ds_start = 0;  /* where the data set starts */
-    size_t stop = 0;      /* GDCM may read [ds_start, stop): everything that was checked */
-    bool has_pixel_data = false;
-    std::string ts_uid; /* (0002,0010), "" without file meta information */
-    std::string meta_sop_class;
-};
-
-const uint32_t kUndefined = 0xFFFFFFFFu;
-const int kMaxDepth = 64; /* sequence nesting; real objects stay below 10 */
-const size_t kMaxInflated = size_t(512) << 20;
-
-bool known_vr(const unsigned char *v)
-{
-    static const char vrs[] =
-        "AEASATCSDADSDTFDFLISLOLTOBODOFOLOVOWPNSHSLSQSSSTSVTMUCUIULUNURUSUTUV";
-    for (size_t i = 0; i + 1 < sizeof(vrs); i += 2)
-        if (v[0] == (unsigned char)vrs[i] && v[1] == (unsigned char)vrs[i + 1])
-            return true;
-    return false;
-}
-
-bool long_vr(const unsigned char *v)
-{
-    static const char vrs[] = "OBODOFOLOVOWSQSVUCUNURUTUV";
-    for (size_t i = 0; i + 1 < sizeof(vrs); i += 2)
-        if (v[0] == (unsigned char)vrs[i] && v[1] == (unsigned char)vrs[i + 1])
-            return true;
-    return false;
-}
-
-/*
- * A bounds-checking walk over the element structure, run before GDCM sees any byte.
- * Why: Debian builds GDCM with assert() enabled, and its readers assert (abort the process)
- * on truncated or inconsistent input, or allocate whatever length a header claims. The walk
- * accepts the subset of encodings GDCM's plain readers handle: every length must fit, every
- * undefined-length sequence and item must be closed, nesting is bounded. GDCM then reads
- * exactly the bytes that were checked, with the transfer syntax found here.
- */
-class Walker
-{
-  public:
-    Walker(Input &in, bool big) : in_(in), big_(big)
-    {
-    }
-    std::string why;
-    bool io_error = false;
-
-    /* The top-level data set from pos. full: walk to the end (pixel decode); otherwise stop
-     * after the header of the first element at or past Pixel Data, as GDCM's ReadUpToTag. */
-    bool top(size_t pos, bool full, Scan &s)
-    {
-        const size_t end = in_.total();
-        for (;;) {
-            if (!in_.need(std::min(pos + 4, end)) && !fail_io(pos))
-                return false;
-            if (end - pos < 4) { /* GDCM ignores a partial tag at the very end */
-                s.stop = pos;
-                return true;
-            }
-            Elem el;
-            if (!header(pos, end, s.enc == Enc::ImplicitLE, el))
-                return false;
-            if (el.g == 0xFFFE) {
-                if (el.e == 0xE000)
-                    return bad(pos, "item outside a sequence");
-                /* a stray delimiter after the last element (a known writer bug) ends the
-                 * data set: GDCM gets the part before it */
-                s.stop = pos;
-                return true;
-            }
-            const uint32_t tag = uint32_t(el.g) << 16 | el.e;
-            if (tag >= 0x7FE00008u && tag <= 0x7FE00010u) {
-                s.has_pixel_data = true;
-                if (tag == 0x7FE00010u && !full) {
-                    s.stop = pos + el.hdr;
-                    return true;
-                }
-            }
-            if (!value(pos, end, el, 0, s.enc == Enc::ImplicitLE))
-                return false;
-            if (!full && tag > 0x7FE00010u) {
-                s.stop = pos;
-                return true;
-            }
-        }
-    }
-
-  private:
-    struct Elem {
-        uint16_t g, e;
-        uint32_t vl;
-        unsigned char vr[2];
-        bool has_vr;
-        size_t hdr;
-    };
-
-    Input &in_;
-    bool big_;
-
-    uint16_t u16(size_t off) const
-    {
-        const unsigned char *p = in_.data() + off;
-        return big_ ? uint16_t(p[0] << 8 | p[1]) : uint16_t(p[1] << 8 | p[0]);
-    }
-    uint32_t u32(size_t off) const
-    {
-        const unsigned char *p = in_.data() + off;
-        return big_ ? uint32_t(p[0]) << 24 | uint32_t(p[1]) << 16 | uint32_t(p[2]) << 8 | p[3]
-                    : uint32_t(p[3]) << 24 | uint32_t(p[2]) << 16 | uint32_t(p[1]) << 8 | p[0];
-    }
-    bool bad(size_t pos, const char *what)
-    {
-        why = strf("%s at offset %zu", what, pos);
-        return false;
-    }
-    bool fail_io(size_t pos)
-    {
-        if (in_.io_errno == 0)
-            return true; /* not an I/O problem: the caller checks the bounds */
-        io_error = true;
-        why = strf("read error at offset %zu: %s", pos, strerror(in_.io_errno));
-        return false;
-    }
-    /* [pos, pos + n) lies inside [.., end) and is loaded */
-    bool fits(size_t pos, uint64_t n, size_t end)
-    {
-        if (pos > end || n > uint64_t(end - pos))
-            return bad(pos, end == in_.total() ? "truncated data" : "element overruns its item");
-        if (!in_.need(pos + size_t(n)))
-            return fail_io(pos) ? bad(pos, "truncated data") : false;
-        return true;
-    }
-
-    bool header(size_t pos, size_t end, bool implicit, Elem &el)
-    {
-        if (!fits(pos, 4, end))
-            return false;
-        el.g = u16(pos);
-        el.e = u16(pos + 2);
-        el.has_vr = false;
-        if (el.g == 0xFFFE || implicit) {
-            if (!fits(pos, 8, end))
-                return false;
-            el.vl = u32(pos + 4);
-            el.hdr = 8;
-            /* GDCM's fix-ups for two old writers, which it applies to any implicit element:
-             * follow them, or GDCM would read a different structure from the one checked */
-            if (el.g != 0xFFFE && el.vl == 13 &&
-                !(el.g == 0x0008 && (el.e == 0x0070 || el.e == 0x0080)))
-                el.vl = 10;
-            if (el.g == 0x031E && el.e == 0x0324 && el.vl == 0x31F031C)
-                el.vl = 202;
-            return true;
-        }
-        if (!fits(pos, 6, end))
-            return false;
-        memcpy(el.vr, in_.data() + pos + 4, 2);
-        if (!known_vr(el.vr))
-            return bad(pos, "invalid VR");
-        el.has_vr = true;
-        if (long_vr(el.vr)) {
-            if (!fits(pos, 12, end))
-                return false;
-            el.vl = u32(pos + 8);
-            el.hdr = 12;
-        } else {
-            if (!fits(pos, 8, end))
-                return false;
-            el.vl = u16(pos + 6);
-            el.hdr = 8;
-            if (el.vl == 6 && el.g == 0x0009 && memcmp(el.vr, "UL", 2) == 0)
-                el.vl = 4; /* GDCM's fix-up for a Siemens private UL: follow it */
-        }
-        if (el.g == 0x00FF && el.e == 0x4AA5)
-            return bad(pos, "unsupported tag (00ff,4aa5)"); /* GDCM reads the rest as pixels */
-        return true;
-    }
-
-    bool is_vr(const Elem &el, const char *vr) const
-    {
-        return el.has_vr && memcmp(el.vr, vr, 2) == 0;
-    }
-
-    /* The value of el at pos; pos moves past it. */
-    bool value(size_t &pos, size_t end, const Elem &el, int depth, bool implicit)
-    {
-        const bool pixel = el.g == 0x7FE0 && el.e == 0x0010;
-        size_t v = pos + el.hdr;
-        if (pixel && is_vr(el, "SQ"))
-            return bad(pos, "Pixel Data encoded as a sequence");
-        if (el.vl == kUndefined) {
-            if (pixel) {
-                if (!implicit && !is_vr(el, "OB") && !is_vr(el, "OW") && !is_vr(el, "UN"))
-                    return bad(pos, "undefined length Pixel Data with a wrong VR");
-                pos = v;
-                return fragments(pos, end, depth + 1);
-            }
-            if (implicit || is_vr(el, "SQ")) {
-                pos = v;
-                return sequence(pos, end, false, depth + 1, implicit);
-            }
-            if (is_vr(el, "UN")) {
-                /* CP-246: the content is Implicit VR Little Endian; GDCM reads it with the
-                 * data set's byte order, so only little endian data sets agree */
-                if (big_)
-                    return bad(pos, "undefined length UN in a big endian data set");
-                pos = v;
-                return sequence(pos, end, false, depth + 1, true);
-            }
-            return bad(pos, "undefined length on a non-sequence element");
-        }
-        if (!fits(v, el.vl, end))
-            return false;
-        if (is_vr(el, "SQ")) {
-            pos = v;
-            return sequence(pos, v + el.vl, true, depth + 1, false);
-        }
-        pos = v + el.vl;
-        return true;
-    }
-
-    /* Items of a sequence; defined: the sequence ends at end, else at its delimiter. */
-    bool sequence(size_t &pos, size_t end, bool defined, int depth, bool implicit)
-    {
-        if (depth > kMaxDepth)
-            return bad(pos, "sequences nested too deep");
-        for (;;) {
-            if (defined && pos == end)
-                return true;
-            if (!fits(pos, 8, end))
-                return false;
-            const uint16_t g = u16(pos), e = u16(pos + 2);
-            const uint32_t vl = u32(pos + 4);
-            if (g == 0xFFFE && e == 0xE0DD) {
-                if (defined)
-                    return bad(pos, "sequence delimiter in a defined-length sequence");
-                pos += 8;
-                return true;
-            }
-            if (g != 0xFFFE || e != 0xE000)
-                return bad(pos, "expected a sequence item");
-            pos += 8;
-            if (vl == kUndefined) {
-                if (!dataset(pos, end, depth, implicit, false))
-                    return false;
-            } else {
-                if (!fits(pos, vl, end))
-                    return false;
-                size_t item_end = pos + vl;
-                if (!dataset(pos, item_end, depth, implicit, true))
-                    return false;
-            }
-        }
-    }
-
-    /* The data set of an item: up to end (defined) or its item delimiter. */
-    bool dataset(size_t &pos, size_t end, int depth, bool implicit, bool defined)
-    {
-        for (;;) {
-            if (defined && pos == end)
-                return true;
-            Elem el;
-            if (!header(pos, end, implicit, el))
-                return false;
-            if (el.g == 0xFFFE) {
-                if (el.e == 0xE00D) {
-                    pos += 8;
-                    if (!defined)
-                        return true;
-                    continue; /* GDCM skips a delimiter inside a defined-length item */
-                }
-                if (el.e == 0xE0DD && !defined && !implicit)
-                    return true; /* item left open before the sequence end: GDCM accepts */
-                return bad(pos, "unexpected delimiter in an item");
-            }
-            if (!value(pos, end, el, depth, implicit))
-                return false;
-        }
-    }
-
-    /* Encapsulated Pixel Data: the Basic Offset Table item, defined-length fragments, then the
-     * sequence delimiter with a zero length (GDCM reads a delimiter's length as a value). */
-    bool fragments(size_t &pos, size_t end, int depth)
-    {
-        if (depth > kMaxDepth)
-            return bad(pos, "sequences nested too deep");
-        for (bool first = true;; first = false) {
-            if (!fits(pos, 8, end))
-                return false;
-            const uint16_t g = u16(pos), e = u16(pos + 2);
-            const uint32_t vl = u32(pos + 4);
-            if (g == 0xFFFE && e == 0xE0DD && vl == 0 && !first) {
-                pos += 8;
-                return true;
-            }
-            if (g != 0xFFFE || e != 0xE000 || vl == kUndefined)
-                return bad(pos, "malformed pixel data fragment");
-            pos += 8;
-            if (!fits(pos, vl, end))
-                return false;
-            pos += vl;
-        }
-    }
-};
-
-uint16_t le16(const unsigned char *p)
-{
-    return uint16_t(p[1] << 8 | p[0]);
-}
-uint32_t le32(const unsigned char *p)
-{
-    return uint32_t(p[3]) << 24 | uint32_t(p[2]) << 16 | uint32_t(p[1]) << 8 | p[0];
-}
-
-std::string trimmed(const unsigned char *p, size_t n)
-{
-    while (n > 0 && (p[n - 1] == ' ' || p[n - 1] == '\0'))
-        n--;
-    return std::string(reinterpret_cast<const char *>(p), n);
-}
-
-/* File meta information (group 0002) at pos, explicit or (as some old writers did) implicit
- * VR little endian; pos moves past it. */
-bool read_meta(Input &in, size_t &pos, Scan &s, std::string &why)
-{
-    const size_t end = in.total();
-    const bool explicit_vr = in.need(pos + 6) && known_vr(in.data() + pos + 4);
-    bool have_ts = false;
-    for (;;) {
-        if (!in.need(std::min(pos + 4, end)) || end - pos < 4)
-            break;
-        if (le16(in.data() + pos) != 0x0002)
-            break;
-        const uint16_t e = le16(in.data() + pos + 2);
-        size_t hdr;
-        uint32_t vl;
-        if (explicit_vr) {
-            if (!in.need(pos + 8) || !known_vr(in.data() + pos + 4)) {
-                why = strf("malformed file meta information at offset %zu", pos);
-                return false;
-            }
-            bool lv = long_vr(in.data() + pos + 4);
-            if (lv && !in.need(pos + 12)) {
-                why = strf("truncated file meta information at offset %zu", pos);
-                return false;
-            }
-            if (memcmp(in.data() + pos + 4, "SQ", 2) == 0) {
-                why = strf("sequence in the file meta information at offset %zu", pos);
-                return false;
-            }
-            hdr = lv ? 12 : 8;
-            vl = lv ? le32(in.data() + pos + 8) : le16(in.data() + pos + 6);
-        } else {
-            if (!in.need(pos + 8)) {
-                why = strf("truncated file meta information at offset %zu", pos);
-                return false;
-            }
-            hdr = 8;
-            vl = le32(in.data() + pos + 4);
-        }
-        if (vl == kUndefined || vl > end - pos - hdr || !in.need(pos + hdr + vl)) {
-            why = strf("truncated file meta information at offset %zu", pos);
-            return false;
-        }
-        const unsigned char *v = in.data() + pos + hdr;
-        if (e == 0x0010) {
-            s.ts_uid = trimmed(v, vl);
-            have_ts = true;
-        } else if (e == 0x0002) {
-            s.meta_sop_class = trimmed(v, vl);
-        }
-        pos += hdr + vl;
-    }
-    if (!have_ts) {
-        why = "file meta information has no TransferSyntaxUID";
-        return false;
-    }
-    const gdcm::TransferSyntax ts(gdcm::TransferSyntax::GetTSType(s.ts_uid.c_str()));
-    if (!ts.IsValid()) {
-        why = strf("unsupported transfer syntax \"%.64s\"", s.ts_uid.c_str());
-        return false;
-    }
-    if (ts == gdcm::TransferSyntax::DeflatedExplicitVRLittleEndian) {
-        s.deflated = true;
-        s.enc = Enc::ExplicitLE;
-    } else if (ts.GetNegociatedType() == gdcm::TransferSyntax::Implicit) {
-        if (ts.GetSwapCode() == gdcm::SwapCode::BigEndian) {
-            why = "implicit VR big endian is not supported";
-            return false;
-        }
-        s.enc = Enc::ImplicitLE;
-    } else {
-        s.enc = ts.GetSwapCode() == gdcm::SwapCode::BigEndian ? Enc::ExplicitBE : Enc::ExplicitLE;
-    }
-    return true;
-}
-
-/* Inflate a deflated data set (raw deflate, PS3.5 A.5) into s.inflated. */
-bool inflate_dataset(const unsigned char *p, size_t n, Scan &s, std::string &why)
-{
-    z_stream z;
-    memset(&z, 0, sizeof(z));
-    if (inflateInit2(&z, -MAX_WBITS) != Z_OK) {
-        why = "could not initialise zlib";
-        return false;
-    }
-    z.next_in = const_cast<Bytef *>(p);
-    z.avail_in = uInt(std::min(n, size_t(UINT32_MAX)));
-    int rc = Z_OK;
-    while (rc == Z_OK) {
-        if (s.inflated.size() >= kMaxInflated) {
-            rc = Z_MEM_ERROR;
-            break;
-        }
-        size_t have = s.inflated.size();
-        s.inflated.resize(have + 256 * 1024);
-        z.next_out = reinterpret_cast<Bytef *>(&s.inflated[have]);
-        z.avail_out = 256 * 1024;
-        rc = inflate(&z, Z_NO_FLUSH);
-        s.inflated.resize(s.inflated.size() - z.avail_out);
-        if (rc == Z_BUF_ERROR && z.avail_in == 0)
-            break; /* input ended without the final block */
-    }
-    inflateEnd(&z);
-    if (rc != Z_STREAM_END) {
-        why = rc == Z_MEM_ERROR ? "deflated data set is too large" : "corrupt deflated data set";
-        return false;
-    }
-    return true;
-}
-
-/*
- * Find the transfer syntax the way GDCM's Reader does (preamble, file meta information, or
- * a guess from the first element of a bare data set) and check the structure. full: walk the
- * whole input (pixel decode), else stop at Pixel Data. Returns LC_OK, LC_ERR_DICOM or
- * LC_ERR_IO with why set.
- */
-lc_rc scan(Input &in, bool full, Scan &s, std::string &why)
-{
-    size_t pos = 0;
-    if (in.need(132) && memcmp(in.data() + 128, "DICM", 4) == 0)
-        pos = 132;
-    if (!in.need(pos + 8)) {
-        if (in.io_errno) {
-            why = strerror(in.io_errno);
-            return LC_ERR_IO;
-        }
-        why = in.total() == 0 ? "empty input" : "too short to be DICOM";
-        return LC_ERR_DICOM;
-    }
-    const unsigned char *p = in.data() + pos;
-    const uint16_t g = le16(p), e = le16(p + 2);
-    if (g == 0x0002) {
-        if (!read_meta(in, pos, s, why))
-            return in.io_errno ? LC_ERR_IO : LC_ERR_DICOM;
-    } else if (g == 0x0008) {
-        s.enc = known_vr(p + 4) ? Enc::ExplicitLE : Enc::ImplicitLE;
-    } else if (g == 0x0800) {
-        if (!known_vr(p + 4)) {
-            why = "implicit VR big endian (ACR-NEMA) is not supported";
-            return LC_ERR_DICOM;
-        }
-        s.enc = Enc::ExplicitBE;
-    } else if (e == 0x0010) {
-        s.enc = Enc::ImplicitLE;
-    } else if (known_vr(p + 4)) {
-        s.enc = (g > 0xff || e > 0xff) ? Enc::ExplicitBE : Enc::ExplicitLE;
-    } else {
-        why = pos == 132 ? "no data set after the DICM prefix"
-                         : "not DICOM (no DICM prefix, no recognisable data set)";
-        return LC_ERR_DICOM;
-    }
-    s.ds_start = pos;
-    if (s.deflated) {
-        if (!in.need(in.total())) {
-            why = in.io_errno ? strerror(in.io_errno) : "truncated data";
-            return in.io_errno ? LC_ERR_IO : LC_ERR_DICOM;
-        }
-        if (!inflate_dataset(in.data() + pos, in.total() - pos, s, why))
-            return LC_ERR_DICOM;
-        Input inner(s.inflated.data(), s.inflated.size());
-        Walker w(inner, false);
-        if (!w.top(0, full, s)) {
-            why = "deflated data set: " + w.why;
-            return LC_ERR_DICOM;
-        }
-        return LC_OK;
-    }
-    Walker w(in, s.enc == Enc::ExplicitBE);
-    if (!w.top(pos, full, s)) {
-        why = w.why;
-        return w.io_error ? LC_ERR_IO : LC_ERR_DICOM;
-    }
-    return LC_OK;
-}
-
-/* ---- value access ------------------------------------------------------------------------ */
-
-/* The element with tag t at the top level of ds, or nullptr. */
-const gdcm::DataElement *find(const gdcm::DataSet &ds, uint16_t g, uint16_t e)
-{
-    const gdcm::Tag t(g, e);
-    const gdcm::DataElement &de = ds.GetDataElement(t);
-    return de.GetTag() == t ? &de : nullptr;
+    if (!sq || sq->kind != N_SEQ || sq->end <= size_t(sq - t.nodes.data()) + 1)
+        return nullptr;
+    const Node *it = sq + 1;
+    return it->kind == N_ITEM ? it : nullptr;
 }
 
 /* The raw bytes of an element's value; false when absent, a sequence or empty. */
-bool raw_value(const gdcm::DataElement *de, const char **p, size_t *n)
+bool raw_value(const Tree &t, const Node *n, const char **p, size_t *len)
 {
-    if (!de)
+    if (!n || n->kind != N_VALUE || n->len == 0)
         return false;
-    const gdcm::ByteValue *bv = de->GetByteValue();
-    if (!bv || !bv->GetPointer() || bv->GetLength() == 0)
-        return false;
-    *p = bv->GetPointer();
-    *n = bv->GetLength();
+    *p = reinterpret_cast<const char *>(t.base + n->off);
+    *len = n->len;
     return true;
 }
 
@@ -1041,21 +190,6 @@ void trim(const char **p, size_t *n)
         (*n)--;
     while (*n > 0 && **p == ' ')
         (*p)++, (*n)--;
-}
-
-/* First item of sequence (g,e) in ds, or nullptr. Only real sequences: an undecoded UN value
- * is not re-parsed (that is where malformed input would hurt). */
-const gdcm::DataSet *first_item(const gdcm::DataSet &ds, uint16_t g, uint16_t e)
-{
-    const gdcm::DataElement *de = find(ds, g, e);
-    if (!de)
-        return nullptr;
-    if (de->IsEmpty() || de->GetByteValue())
-        return nullptr;
-    const gdcm::SequenceOfItems *sq = dynamic_cast<const gdcm::SequenceOfItems *>(&de->GetValue());
-    if (!sq || sq->GetNumberOfItems() < 1)
-        return nullptr;
-    return &sq->GetItem(1).GetNestedDataSet();
 }
 
 /* Parse a decimal integer string (IS, or a string-encoded US); false if malformed. */
@@ -1105,64 +239,56 @@ bool parse_ds(const char *p, size_t n, double *out, int count)
     return k == count;
 }
 
-/* Per-parse state of value access: the data set, whether it is big endian (GDCM leaves VR UN
- * values in the file's byte order), its character set, a scratch string. */
-struct Ctx {
-    const gdcm::DataSet &ds;
-    bool big_endian;
-    Charset cs;
-    std::string tmp;
-};
-
-bool get_us(const Ctx &c, const gdcm::DataSet &ds, uint16_t g, uint16_t e, int *out)
+bool ascii_vr(uint16_t vr)
 {
-    const gdcm::DataElement *de = find(ds, g, e);
+    static const char vrs[] = "AEASCSDADSDTISLOLTPNSHSTTMUCUIURUT";
+    for (size_t i = 0; i + 1 < sizeof(vrs); i += 2)
+        if (vr == vr2(vrs[i], vrs[i + 1]))
+            return true;
+    return false;
+}
+
+/* An unsigned short: binary (in the data set's byte order; an implicit data set and the UN
+ * content inside one are little endian), or text when the element's explicit VR is a string. */
+bool get_us(const Tree &t, const Node *n, int *out)
+{
     const char *p;
-    size_t n;
-    if (!raw_value(de, &p, &n))
+    size_t len;
+    if (!raw_value(t, n, &p, &len))
         return false;
-    const gdcm::VR vr = de->GetVR();
-    if (vr != gdcm::VR::INVALID && vr != gdcm::VR::UN && (vr & gdcm::VR::VRASCII)) {
+    if (n->vr != 0 && ascii_vr(n->vr)) {
         long v;
-        if (!parse_int(p, n, 0, 65535, &v))
+        if (!parse_int(p, len, 0, 65535, &v))
             return false;
         *out = int(v);
         return true;
     }
-    if (n < 2)
+    if (len < 2)
         return false;
-    /* GDCM swaps binary values of a known VR to host order while reading; an implicit VR
-     * dataset is little endian; only UN in a big endian dataset keeps the file's order */
-    unsigned char b0 = (unsigned char)p[0], b1 = (unsigned char)p[1];
-    if (vr == gdcm::VR::UN && c.big_endian)
-        *out = (b0 << 8) | b1;
-    else {
-        uint16_t v;
-        memcpy(&v, p, 2);
-        *out = v;
-    }
+    const unsigned char b0 = (unsigned char)p[0], b1 = (unsigned char)p[1];
+    *out = t.big && !(n->flags & lcdcm::N_IMPLICIT) ? (b0 << 8) | b1 : (b1 << 8) | b0;
     return true;
 }
 
-bool get_is(const gdcm::DataSet &ds, uint16_t g, uint16_t e, int *out)
+bool get_is(const Tree &t, const Node *n, int *out)
 {
     const char *p;
-    size_t n;
+    size_t len;
     long v;
-    if (!raw_value(find(ds, g, e), &p, &n) || !parse_int(p, n, -2147483647L, 2147483647L, &v))
+    if (!raw_value(t, n, &p, &len) || !parse_int(p, len, -2147483647L, 2147483647L, &v))
         return false;
     *out = int(v);
     return true;
 }
 
-bool get_ds(const gdcm::DataSet &ds, uint16_t g, uint16_t e, double *out, int count)
+bool get_ds(const Tree &t, const Node *n, double *out, int count)
 {
     const char *p;
-    size_t n;
-    if (!raw_value(find(ds, g, e), &p, &n))
+    size_t len;
+    if (!raw_value(t, n, &p, &len))
         return false;
     double tmp[6];
-    if (!parse_ds(p, n, tmp, count))
+    if (!parse_ds(p, len, tmp, count))
         return false;
     memcpy(out, tmp, sizeof(double) * size_t(count));
     return true;
@@ -1171,30 +297,6 @@ bool get_ds(const gdcm::DataSet &ds, uint16_t g, uint16_t e, double *out, int co
 /* How a string value is decoded: ASCII VRs (UI, CS, DA, TM) get the default repertoire, text
  * VRs (LO, SH) the Specific Character Set, PN also its component delimiters. */
 enum StrKind { K_ASCII, K_TEXT, K_PN };
-
-/* A malloc'd UTF-8 copy of a string element; *oom set on allocation failure. */
-char *get_str(Ctx &c, uint16_t g, uint16_t e, StrKind kind, bool *oom)
-{
-    const char *p;
-    size_t n;
-    if (!raw_value(find(c.ds, g, e), &p, &n))
-        return nullptr;
-    trim(&p, &n);
-    if (kind == K_ASCII) {
-        static const Charset ascii;
-        to_utf8(c.tmp, ascii, p, n, false);
-    } else {
-        to_utf8(c.tmp, c.cs, p, n, kind == K_PN);
-    }
-    char *s = (char *)malloc(c.tmp.size() + 1);
-    if (!s) {
-        *oom = true;
-        return nullptr;
-    }
-    memcpy(s, c.tmp.data(), c.tmp.size());
-    s[c.tmp.size()] = '\0';
-    return s;
-}
 
 char *dup_str(const char *p, size_t n, bool *oom)
 {
@@ -1206,6 +308,28 @@ char *dup_str(const char *p, size_t n, bool *oom)
     memcpy(s, p, n);
     s[n] = '\0';
     return s;
+}
+
+/* A malloc'd UTF-8 copy of a string element; *oom set on allocation failure. */
+char *get_str(Ctx &c, const Node *n, StrKind kind, bool *oom)
+{
+    const char *p;
+    size_t len;
+    if (!raw_value(c.t, n, &p, &len))
+        return nullptr;
+    trim(&p, &len);
+    bool ascii = true;
+    for (size_t i = 0; i < len && ascii; i++)
+        ascii = (unsigned char)p[i] >= 0x20 && (unsigned char)p[i] < 0x80;
+    if (ascii) /* the common case needs no conversion */
+        return dup_str(p, len, oom);
+    if (kind == K_ASCII) {
+        static const Charset plain;
+        lcdcm::to_utf8(c.tmp, plain, p, len, false);
+    } else {
+        lcdcm::to_utf8(c.tmp, c.cs, p, len, kind == K_PN);
+    }
+    return dup_str(c.tmp.data(), c.tmp.size(), oom);
 }
 
 /* Lenient check of identity values: they end up in object names and SQL keys, so only
@@ -1226,29 +350,38 @@ bool uid_chars_ok(const char *s)
 }
 
 struct StrField {
-    uint16_t g, e;
+    uint32_t tag;
     size_t off;
     StrKind kind;
 };
-#define F(g, e, field, kind)                                                                       \
+#define F(tag, field, kind)                                                                        \
     {                                                                                              \
-        g, e, offsetof(lc_dicom_header, field), kind                                               \
+        tag, offsetof(lc_dicom_header, field), kind                                                \
     }
 const StrField kStrFields[] = {
-    F(0x0010, 0x0010, patient_name, K_PN),
-    F(0x0010, 0x0020, patient_id, K_TEXT),
-    F(0x0010, 0x0030, patient_birth_date, K_ASCII),
-    F(0x0010, 0x0040, patient_sex, K_ASCII),
-    F(0x0008, 0x0020, study_date, K_ASCII),
-    F(0x0008, 0x0030, study_time, K_ASCII),
-    F(0x0008, 0x0050, accession_number, K_TEXT),
-    F(0x0020, 0x0010, study_id, K_TEXT),
-    F(0x0008, 0x1030, study_description, K_TEXT),
-    F(0x0008, 0x0090, referring_physician_name, K_PN),
-    F(0x0008, 0x0060, modality, K_ASCII),
-    F(0x0008, 0x103E, series_description, K_TEXT),
-    F(0x0018, 0x0015, body_part_examined, K_ASCII),
-    F(0x0028, 0x0004, photometric_interpretation, K_ASCII),
+    F(0x00100010, patient_name, K_PN),
+    F(0x00100020, patient_id, K_TEXT),
+    F(0x00100030, patient_birth_date, K_ASCII),
+    F(0x00100040, patient_sex, K_ASCII),
+    F(0x00080020, study_date, K_ASCII),
+    F(0x00080030, study_time, K_ASCII),
+    F(0x00080050, accession_number, K_TEXT),
+    F(0x00200010, study_id, K_TEXT),
+    F(0x00081030, study_description, K_TEXT),
+    F(0x00080090, referring_physician_name, K_PN),
+    F(0x00080060, modality, K_ASCII),
+    F(0x0008103E, series_description, K_TEXT),
+    F(0x00180015, body_part_examined, K_ASCII),
+    F(0x00280004, photometric_interpretation, K_ASCII),
+    F(0x00100021, issuer_of_patient_id, K_TEXT),
+    F(0x00080080, institution_name, K_TEXT),
+    F(0x00080201, timezone_offset, K_ASCII),
+    F(0x00080021, series_date, K_ASCII),
+    F(0x00080031, series_time, K_ASCII),
+    F(0x00080023, content_date, K_ASCII),
+    F(0x00080033, content_time, K_ASCII),
+    F(0x00400244, pps_start_date, K_ASCII),
+    F(0x00400245, pps_start_time, K_ASCII),
 };
 #undef F
 
@@ -1256,60 +389,77 @@ const StrField kStrFields[] = {
  * for orientation, spacing and rescale, the first frame's group for the position. */
 void fill_geometry(const Ctx &c, lc_dicom_header *h)
 {
-    const gdcm::DataSet &ds = c.ds;
-    const gdcm::DataSet *shared = first_item(ds, 0x5200, 0x9229);
-    const gdcm::DataSet *frame1 = first_item(ds, 0x5200, 0x9230);
-    auto fg = [&](uint16_t sg, uint16_t se, uint16_t g, uint16_t e, double *out, int count) {
-        for (const gdcm::DataSet *grp : {shared, frame1}) {
-            const gdcm::DataSet *it = grp ? first_item(*grp, sg, se) : nullptr;
-            if (it && get_ds(*it, g, e, out, count))
+    const Tree &t = c.t;
+    const Node *shared = first_item(t, c.find(0x52009229));
+    const Node *frame1 = first_item(t, c.find(0x52009230));
+    auto fg = [&](uint32_t seq, uint32_t tag, double *out, int count) {
+        for (const Node *grp : {shared, frame1}) {
+            const Node *it = grp ? first_item(t, find_child(t, grp, seq)) : nullptr;
+            if (it && get_ds(t, find_child(t, it, tag), out, count))
                 return true;
         }
         return false;
     };
-    h->has_ipp =
-        get_ds(ds, 0x0020, 0x0032, h->ipp, 3) || fg(0x0020, 0x9113, 0x0020, 0x0032, h->ipp, 3);
-    h->has_iop =
-        get_ds(ds, 0x0020, 0x0037, h->iop, 6) || fg(0x0020, 0x9116, 0x0020, 0x0037, h->iop, 6);
-    h->has_pixel_spacing = get_ds(ds, 0x0028, 0x0030, h->pixel_spacing, 2) ||
-                           fg(0x0028, 0x9110, 0x0028, 0x0030, h->pixel_spacing, 2);
-    h->has_slice_thickness = get_ds(ds, 0x0018, 0x0050, &h->slice_thickness, 1) ||
-                             fg(0x0028, 0x9110, 0x0018, 0x0050, &h->slice_thickness, 1);
+    h->has_ipp = get_ds(t, c.find(0x00200032), h->ipp, 3) || fg(0x00209113, 0x00200032, h->ipp, 3);
+    h->has_iop = get_ds(t, c.find(0x00200037), h->iop, 6) || fg(0x00209116, 0x00200037, h->iop, 6);
+    h->has_pixel_spacing = get_ds(t, c.find(0x00280030), h->pixel_spacing, 2) ||
+                           fg(0x00289110, 0x00280030, h->pixel_spacing, 2);
+    h->has_slice_thickness = get_ds(t, c.find(0x00180050), &h->slice_thickness, 1) ||
+                             fg(0x00289110, 0x00180050, &h->slice_thickness, 1);
     double v;
     h->rescale_slope = 1.0;
     h->rescale_intercept = 0.0;
-    if (get_ds(ds, 0x0028, 0x1053, &v, 1) || fg(0x0028, 0x9145, 0x0028, 0x1053, &v, 1))
+    if (get_ds(t, c.find(0x00281053), &v, 1) || fg(0x00289145, 0x00281053, &v, 1))
         if (v != 0.0)
             h->rescale_slope = v;
-    if (get_ds(ds, 0x0028, 0x1052, &v, 1) || fg(0x0028, 0x9145, 0x0028, 0x1052, &v, 1))
+    if (get_ds(t, c.find(0x00281052), &v, 1) || fg(0x00289145, 0x00281052, &v, 1))
         h->rescale_intercept = v;
 }
 
-/* Fill h from a parsed data set; LC_ERR_DICOM when an identity UID is missing or bad. */
-lc_rc fill_header(const gdcm::DataSet &ds, const Scan &s, lc_dicom_header *h, lc_err *err)
+/* The RequestAttributesSequence: its first item's two IDs and the whole sequence as JSON. */
+bool fill_request(Ctx &c, lc_dicom_header *h, bool pixrep1)
 {
-    Ctx c{ds, s.enc == Enc::ExplicitBE, Charset(), std::string()};
+    bool oom = false;
+    const Node *seq = c.find(0x00400275);
+    const Node *item = first_item(c.t, seq);
+    if (!item)
+        return true;
+    h->scheduled_procedure_step_id = get_str(c, find_child(c.t, item, 0x00400009), K_TEXT, &oom);
+    h->requested_procedure_id = get_str(c, find_child(c.t, item, 0x00401001), K_TEXT, &oom);
+    std::string js, path = "00400275/";
+    lcdcm::JsonOpts o{LC_DICOM_JSON_INLINE_MAX, pixrep1};
+    lcdcm::json_items(js, c.t, size_t(seq - c.t.nodes.data()), c.cs, o, path);
+    if (!oom)
+        h->request_attributes = dup_str(js.data(), js.size(), &oom);
+    return !oom;
+}
+
+/* Fill h from a checked tree; LC_ERR_DICOM when an identity UID is missing or bad. */
+lc_rc fill_header(const Scan &s, unsigned flags, lc_dicom_header *h, lc_err *err)
+{
+    Ctx c(s.tree);
+    const Tree &t = s.tree;
     bool oom = false;
 
     /* Specific Character Set first: every text value depends on it */
-    h->specific_character_set = get_str(c, 0x0008, 0x0005, K_ASCII, &oom);
+    h->specific_character_set = get_str(c, c.find(0x00080005), K_ASCII, &oom);
     if (!h->specific_character_set && !oom)
         h->specific_character_set = dup_str("", 0, &oom);
     if (oom)
         return lc_err_set(err, LC_ERR_NOMEM, "out of memory");
-    c.cs = parse_charset(h->specific_character_set);
+    c.cs = lcdcm::parse_charset(h->specific_character_set);
 
     struct {
         char **dst;
-        uint16_t g, e;
+        uint32_t tag;
         const char *what;
     } uids[] = {
-        {&h->study_instance_uid, 0x0020, 0x000D, "StudyInstanceUID"},
-        {&h->series_instance_uid, 0x0020, 0x000E, "SeriesInstanceUID"},
-        {&h->sop_instance_uid, 0x0008, 0x0018, "SOPInstanceUID"},
+        {&h->study_instance_uid, 0x0020000D, "StudyInstanceUID"},
+        {&h->series_instance_uid, 0x0020000E, "SeriesInstanceUID"},
+        {&h->sop_instance_uid, 0x00080018, "SOPInstanceUID"},
     };
     for (auto &u : uids) {
-        *u.dst = get_str(c, u.g, u.e, K_ASCII, &oom);
+        *u.dst = get_str(c, c.find(u.tag), K_ASCII, &oom);
         if (oom)
             return lc_err_set(err, LC_ERR_NOMEM, "out of memory");
         if (!*u.dst || !**u.dst)
@@ -1317,87 +467,87 @@ lc_rc fill_header(const gdcm::DataSet &ds, const Scan &s, lc_dicom_header *h, lc
         if (!uid_chars_ok(*u.dst))
             return lc_err_set(err, LC_ERR_DICOM, "%s \"%.64s\" is not a UID", u.what, *u.dst);
     }
-    h->sop_class_uid = get_str(c, 0x0008, 0x0016, K_ASCII, &oom);
+    h->sop_class_uid = get_str(c, c.find(0x00080016), K_ASCII, &oom);
     if (!h->sop_class_uid && !oom)
         h->sop_class_uid = dup_str(s.meta_sop_class.data(), s.meta_sop_class.size(), &oom);
     h->transfer_syntax_uid = dup_str(s.ts_uid.data(), s.ts_uid.size(), &oom);
     for (const StrField &sf : kStrFields)
-        *(char **)((char *)h + sf.off) = get_str(c, sf.g, sf.e, sf.kind, &oom);
+        *(char **)((char *)h + sf.off) = get_str(c, c.find(sf.tag), sf.kind, &oom);
     if (oom)
         return lc_err_set(err, LC_ERR_NOMEM, "out of memory");
 
-    get_is(ds, 0x0020, 0x0011, &h->series_number);
-    get_is(ds, 0x0020, 0x0013, &h->instance_number);
-    get_is(ds, 0x0020, 0x1002, &h->images_in_acquisition);
-    get_is(ds, 0x0020, 0x0105, &h->number_of_temporal_positions);
-    get_us(c, ds, 0x0028, 0x0010, &h->rows);
-    get_us(c, ds, 0x0028, 0x0011, &h->columns);
-    get_us(c, ds, 0x0028, 0x0002, &h->samples_per_pixel);
-    get_us(c, ds, 0x0028, 0x0100, &h->bits_allocated);
-    get_us(c, ds, 0x0028, 0x0101, &h->bits_stored);
-    get_us(c, ds, 0x0028, 0x0103, &h->pixel_representation);
-    if (!get_is(ds, 0x0028, 0x0008, &h->number_of_frames) || h->number_of_frames < 0)
+    get_is(t, c.find(0x00200011), &h->series_number);
+    get_is(t, c.find(0x00200013), &h->instance_number);
+    get_is(t, c.find(0x00201002), &h->images_in_acquisition);
+    get_is(t, c.find(0x00200105), &h->number_of_temporal_positions);
+    get_us(t, c.find(0x00280010), &h->rows);
+    get_us(t, c.find(0x00280011), &h->columns);
+    get_us(t, c.find(0x00280002), &h->samples_per_pixel);
+    get_us(t, c.find(0x00280100), &h->bits_allocated);
+    get_us(t, c.find(0x00280101), &h->bits_stored);
+    get_us(t, c.find(0x00280103), &h->pixel_representation);
+    h->high_bit = -1;
+    get_us(t, c.find(0x00280102), &h->high_bit);
+    if (!get_is(t, c.find(0x00280008), &h->number_of_frames) || h->number_of_frames < 0)
         h->number_of_frames = 0;
     if (h->number_of_frames == 0 && h->rows > 0)
         h->number_of_frames = 1;
     fill_geometry(c, h);
     h->has_pixel_data = s.has_pixel_data;
+    const bool pixrep1 = h->pixel_representation == 1;
+    if (!fill_request(c, h, pixrep1))
+        return lc_err_set(err, LC_ERR_NOMEM, "out of memory");
+
+    if (flags & LC_DICOM_JSON) {
+        std::string js, path;
+        js.reserve(4096);
+        lcdcm::JsonOpts o{LC_DICOM_JSON_INLINE_MAX, pixrep1};
+        lcdcm::json_dataset(js, t, SIZE_MAX, c.cs, o, path);
+        if (js.size() > LC_DICOM_JSON_MAX)
+            return lc_err_set(err, LC_ERR_DICOM,
+                              "header is too large for DICOM JSON (%zu bytes, at most %u)",
+                              js.size(), LC_DICOM_JSON_MAX);
+        h->json = dup_str(js.data(), js.size(), &oom);
+        if (oom)
+            return lc_err_set(err, LC_ERR_NOMEM, "out of memory");
+        h->json_len = js.size();
+    }
     return LC_OK;
 }
 
-/* GDCM reads the checked part of the data set with the scanned syntax: up to Pixel Data (its
- * value is never read), or everything when full (pixel decode). */
-void gdcm_read(const Scan &s, const unsigned char *input, bool full, gdcm::DataSet &ds)
+/* GDCM reads the whole checked data set with the scanned syntax (pixel decode only). */
+void gdcm_read(const Scan &s, const unsigned char *input, gdcm::DataSet &ds)
 {
     const unsigned char *p = s.deflated ? reinterpret_cast<const unsigned char *>(s.inflated.data())
                                         : input + s.ds_start;
     const size_t n = s.deflated ? s.stop : s.stop - s.ds_start;
     MemBuf mb(p, n);
     std::istream is(&mb);
-    const std::set<gdcm::Tag> skip{kPixelData};
     switch (s.enc) {
     case Enc::ImplicitLE:
-        if (full)
-            ds.Read<gdcm::ImplicitDataElement, gdcm::SwapperNoOp>(is);
-        else
-            ds.ReadUpToTag<gdcm::ImplicitDataElement, gdcm::SwapperNoOp>(is, kPixelData, skip);
+        ds.Read<gdcm::ImplicitDataElement, gdcm::SwapperNoOp>(is);
         break;
     case Enc::ExplicitLE:
-        if (full)
-            ds.Read<gdcm::ExplicitDataElement, gdcm::SwapperNoOp>(is);
-        else
-            ds.ReadUpToTag<gdcm::ExplicitDataElement, gdcm::SwapperNoOp>(is, kPixelData, skip);
+        ds.Read<gdcm::ExplicitDataElement, gdcm::SwapperNoOp>(is);
         break;
     case Enc::ExplicitBE:
-        if (full)
-            ds.Read<gdcm::ExplicitDataElement, gdcm::SwapperDoOp>(is);
-        else
-            ds.ReadUpToTag<gdcm::ExplicitDataElement, gdcm::SwapperDoOp>(is, kPixelData, skip);
+        ds.Read<gdcm::ExplicitDataElement, gdcm::SwapperDoOp>(is);
         break;
     }
 }
 
-/* Scan in, parse it with GDCM into ds (up to Pixel Data, or all of it when full) and fill a new
- * header. */
-lc_rc read_header(Input &in, bool full, const char *what, Scan &s, gdcm::DataSet &ds,
+/* Walk in (up to Pixel Data, or all of it when full) and fill a new header from the tree. */
+lc_rc read_header(Input &in, bool full, unsigned flags, const char *what, Scan &s,
                   lc_dicom_header **out, lc_err *err)
 {
-    gdcm_quiet();
     std::string why;
-    lc_rc rc = scan(in, full, s, why);
+    lc_rc rc = lcdcm::scan(in, full, s, why);
     if (rc != LC_OK)
         return lc_err_set(err, rc, "could not parse %s: %s", what, why.c_str());
-    try {
-        gdcm_read(s, in.data(), full, ds);
-    } catch (const std::bad_alloc &) {
-        throw;
-    } catch (const std::exception &e) {
-        return lc_err_set(err, LC_ERR_DICOM, "could not parse %s: %s", what, e.what());
-    }
     lc_dicom_header *h = (lc_dicom_header *)calloc(1, sizeof(*h));
     if (!h)
         return lc_err_set(err, LC_ERR_NOMEM, "out of memory");
-    rc = fill_header(ds, s, h, err);
+    rc = fill_header(s, flags, h, err);
     if (rc != LC_OK) {
         if (rc == LC_ERR_DICOM)
             lc_err_wrap(err, "could not parse %s", what);
@@ -1428,11 +578,55 @@ lc_rc open_input(const char *path, int *fd, size_t *size, lc_err *err)
     return LC_OK;
 }
 
+/* SHA-256 and size of the whole file: the bytes the walk loaded, then the rest from fd. */
+lc_rc hash_file(const char *path, int fd, const Input &in, char hex[65], long long *size,
+                lc_err *err)
+{
+    EVP_MD_CTX *md = EVP_MD_CTX_new();
+    lc_rc rc = LC_OK;
+    unsigned char dig[32];
+    unsigned dlen = 0;
+    long long total = (long long)in.have();
+    std::vector<char> buf(256 * 1024);
+    if (!md || EVP_DigestInit_ex(md, EVP_sha256(), nullptr) != 1 ||
+        EVP_DigestUpdate(md, in.data(), in.have()) != 1) {
+        rc = lc_err_set(err, LC_ERR_NOMEM, "could not hash \"%s\"", path);
+        goto out;
+    }
+    for (;;) {
+        ssize_t r = read(fd, buf.data(), buf.size());
+        if (r < 0 && errno == EINTR)
+            continue;
+        if (r < 0) {
+            rc = lc_err_set(err, LC_ERR_IO, "could not read \"%s\": %s", path, strerror(errno));
+            goto out;
+        }
+        if (r == 0)
+            break;
+        if (EVP_DigestUpdate(md, buf.data(), size_t(r)) != 1) {
+            rc = lc_err_set(err, LC_ERR_NOMEM, "could not hash \"%s\"", path);
+            goto out;
+        }
+        total += r;
+    }
+    if (EVP_DigestFinal_ex(md, dig, &dlen) != 1 || dlen != 32) {
+        rc = lc_err_set(err, LC_ERR_NOMEM, "could not hash \"%s\"", path);
+        goto out;
+    }
+    for (int i = 0; i < 32; i++)
+        snprintf(hex + 2 * i, 3, "%02x", dig[i]);
+    *size = total;
+out:
+    EVP_MD_CTX_free(md);
+    return rc;
+}
+
 } // namespace
 
 /* ---- C API: headers ---------------------------------------------------------------------- */
 
-lc_rc lc_dicom_read_header(const char *path, lc_dicom_header **out, lc_err *err)
+lc_rc lc_dicom_read_header_ex(const char *path, unsigned flags, lc_dicom_header **out,
+                              lc_err *err)
 {
     *out = nullptr;
     int fd = -1;
@@ -1443,9 +637,15 @@ lc_rc lc_dicom_read_header(const char *path, lc_dicom_header **out, lc_err *err)
     try {
         Input in(fd, size);
         Scan s;
-        gdcm::DataSet ds;
         std::string what = std::string("\"") + path + "\"";
-        rc = read_header(in, false, what.c_str(), s, ds, out, err);
+        rc = read_header(in, false, flags, what.c_str(), s, out, err);
+        if (rc == LC_OK && (flags & LC_DICOM_SHA256)) {
+            rc = hash_file(path, fd, in, (*out)->sha256, &(*out)->file_size, err);
+            if (rc != LC_OK) {
+                lc_dicom_header_free(*out);
+                *out = nullptr;
+            }
+        }
     } catch (const std::bad_alloc &) {
         rc = lc_err_set(err, LC_ERR_NOMEM, "out of memory reading \"%s\"", path);
     } catch (const std::exception &e) {
@@ -1453,37 +653,61 @@ lc_rc lc_dicom_read_header(const char *path, lc_dicom_header **out, lc_err *err)
     } catch (...) {
         rc = lc_err_set(err, LC_ERR_DICOM, "could not parse \"%s\": unknown error", path);
     }
+    if (rc != LC_OK && *out) {
+        lc_dicom_header_free(*out);
+        *out = nullptr;
+    }
     close(fd);
+    return rc;
+}
+
+lc_rc lc_dicom_read_header(const char *path, lc_dicom_header **out, lc_err *err)
+{
+    return lc_dicom_read_header_ex(path, 0, out, err);
+}
+
+lc_rc lc_dicom_read_header_buf_ex(const void *buf, size_t len, unsigned flags,
+                                  lc_dicom_header **out, lc_err *err)
+{
+    *out = nullptr;
+    if (!buf)
+        len = 0;
+    lc_rc rc;
+    try {
+        Input in(buf, len);
+        Scan s;
+        rc = read_header(in, false, flags & ~unsigned(LC_DICOM_SHA256), "DICOM buffer", s, out,
+                         err);
+    } catch (const std::bad_alloc &) {
+        rc = lc_err_set(err, LC_ERR_NOMEM, "out of memory reading DICOM buffer");
+    } catch (const std::exception &e) {
+        rc = lc_err_set(err, LC_ERR_DICOM, "could not parse DICOM buffer: %s", e.what());
+    } catch (...) {
+        rc = lc_err_set(err, LC_ERR_DICOM, "could not parse DICOM buffer: unknown error");
+    }
+    if (rc != LC_OK && *out) {
+        lc_dicom_header_free(*out);
+        *out = nullptr;
+    }
     return rc;
 }
 
 lc_rc lc_dicom_read_header_buf(const void *buf, size_t len, lc_dicom_header **out, lc_err *err)
 {
-    *out = nullptr;
-    if (!buf)
-        len = 0;
-    try {
-        Input in(buf, len);
-        Scan s;
-        gdcm::DataSet ds;
-        return read_header(in, false, "DICOM buffer", s, ds, out, err);
-    } catch (const std::bad_alloc &) {
-        return lc_err_set(err, LC_ERR_NOMEM, "out of memory reading DICOM buffer");
-    } catch (const std::exception &e) {
-        return lc_err_set(err, LC_ERR_DICOM, "could not parse DICOM buffer: %s", e.what());
-    } catch (...) {
-        return lc_err_set(err, LC_ERR_DICOM, "could not parse DICOM buffer: unknown error");
-    }
+    return lc_dicom_read_header_buf_ex(buf, len, 0, out, err);
 }
 
 void lc_dicom_header_free(lc_dicom_header *h)
 {
     if (!h)
         return;
-    char **strs[] = {&h->sop_class_uid,       &h->sop_instance_uid,    &h->study_instance_uid,
-                     &h->series_instance_uid, &h->transfer_syntax_uid, &h->specific_character_set};
-    for (char **s : strs)
-        free(*s);
+    char *const fixed[] = {h->sop_class_uid,       h->sop_instance_uid,
+                           h->study_instance_uid,  h->series_instance_uid,
+                           h->transfer_syntax_uid, h->specific_character_set,
+                           h->scheduled_procedure_step_id, h->requested_procedure_id,
+                           h->request_attributes,  h->json};
+    for (char *s : fixed)
+        free(s);
     for (const StrField &sf : kStrFields)
         free(*(char **)((char *)h + sf.off));
     free(h);
@@ -1552,6 +776,11 @@ bool fragments_joined(const gdcm::DataElement &pd, std::vector<char> &all)
         return false;
     all.resize(sf->ComputeByteLength());
     return !all.empty() && sf->GetBuffer(all.data(), all.size());
+}
+
+uint32_t le32(const unsigned char *p)
+{
+    return uint32_t(p[3]) << 24 | uint32_t(p[2]) << 16 | uint32_t(p[1]) << 8 | p[0];
 }
 
 uint16_t be16(const unsigned char *p)
@@ -1793,29 +1022,36 @@ const uint64_t kMaxVoxels = 1ULL << 29;
  * functional group (found by fuzzing).
  */
 lc_rc read_pixels(const char *path, int fd, size_t size, float **out, int *rows, int *columns,
-                  int *frames, lc_err *err)
+                 int *frames, lc_err *err)
 {
     Input in(fd, size);
     if (!in.need(size))
         return lc_err_set(err, in.io_errno ? LC_ERR_IO : LC_ERR_DICOM, "could not read \"%s\": %s",
                           path, in.io_errno ? strerror(in.io_errno) : "file shrank while reading");
     Scan s;
-    gdcm::DataSet ds;
     lc_dicom_header *h = nullptr;
     std::string what = std::string("\"") + path + "\"";
-    lc_rc rc = read_header(in, true, what.c_str(), s, ds, &h, err);
+    lc_rc rc = read_header(in, true, 0, what.c_str(), s, &h, err);
     if (rc != LC_OK)
         return rc;
     const int r = h->rows, c = h->columns, nf = h->number_of_frames, alloc = h->bits_allocated;
     const double slope = h->rescale_slope, intercept = h->rescale_intercept;
     const std::string pi = h->photometric_interpretation ? h->photometric_interpretation : "";
     const int spp = h->samples_per_pixel ? h->samples_per_pixel : 1;
-    int stored = h->bits_stored, high = -1, pixrep = h->pixel_representation;
+    int stored = h->bits_stored, high = h->high_bit, pixrep = h->pixel_representation;
     lc_dicom_header_free(h);
-    Ctx ctx{ds, false, Charset(), std::string()};
-    get_us(ctx, ds, 0x0028, 0x0102, &high);
-
-    const gdcm::DataElement *pd = find(ds, 0x7FE0, 0x0010);
+    gdcm_quiet();
+    gdcm::DataSet ds;
+    try {
+        gdcm_read(s, in.data(), ds);
+    } catch (const std::bad_alloc &) {
+        throw;
+    } catch (const std::exception &e) {
+        return lc_err_set(err, LC_ERR_DICOM, "could not parse %s: %s", what.c_str(), e.what());
+    }
+    const gdcm::Tag kPixelData(0x7fe0, 0x0010);
+    const gdcm::DataElement &pde = ds.GetDataElement(kPixelData);
+    const gdcm::DataElement *pd = pde.GetTag() == kPixelData ? &pde : nullptr;
     if (!s.has_pixel_data)
         return lc_err_set(err, LC_ERR_DICOM, "could not read pixels of \"%s\": no pixel data",
                           path);
@@ -1974,7 +1210,7 @@ char *lc_dicom_to_utf8(const char *bytes, size_t len, const char *charset)
     try {
         std::string s;
         if (bytes && len > 0)
-            to_utf8(s, parse_charset(charset), bytes, len, true);
+            lcdcm::to_utf8(s, lcdcm::parse_charset(charset), bytes, len, true);
         char *r = (char *)malloc(s.size() + 1);
         if (!r)
             return nullptr;

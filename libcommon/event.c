@@ -45,6 +45,8 @@ static const field_rule dlq[] = {
     {"topic", T_STR}, {"partition", T_INT}, {"offset", T_INT},           {"service", T_STR},
     {"error", T_STR}, {"payload", T_STR},   {"payload_encoding", T_STR}, {NULL, 0}};
 
+static const field_rule study_close[] = {{"study_instance_uid", T_STR}, {NULL, 0}};
+
 static const type_rule type_rules[] = {
     {LC_EV_INSTANCE_STORED, instance_stored},
     {LC_EV_STUDY_COMPLETED, study_completed},
@@ -52,6 +54,7 @@ static const type_rule type_rules[] = {
     {LC_EV_JOB_SEGMENT, job_event},
     {LC_EV_JOB_STATUS, job_status},
     {LC_EV_DLQ, dlq},
+    {LC_EV_STUDY_CLOSE, study_close},
 };
 
 static const char *type_word(int t)

@@ -503,6 +503,83 @@ lc_rc lc_job_release(lc_db *db, const lc_job_worker *w, const lc_job *job, lc_er
     return lc_db_tx(db, 3, release_tx, &c, err);
 }
 
+/* --- API transitions: cancel, retry ---------------------------------------------------- */
+
+typedef struct api_ctx {
+    const char *prefix, *source, *id, *reason;
+} api_ctx;
+
+static lc_rc cancel_tx(lc_db *db, void *arg, lc_err *err)
+{
+    api_ctx *c = arg;
+    PGresult *res = NULL;
+    const char *p[2] = {c->id, c->reason};
+    lc_rc rc = lc_db_exec(db,
+                          "UPDATE jobs SET state = 'cancelled', error = coalesce($2, error), "
+                          "lease_owner = NULL, lease_expires_at = NULL, retry_at = NULL, "
+                          "finished_at = now(), updated_at = now() "
+                          "WHERE id = $1 AND state IN ('queued', 'running') "
+                          "RETURNING kind, study_uid, attempts, error",
+                          2, p, &res, err);
+    if (rc != LC_OK)
+        return rc;
+    if (PQntuples(res) != 1) {
+        PQclear(res);
+        return explain_miss(db, c->id, "cancel", err);
+    }
+    rc = emit_status(db, c->prefix, c->source, c->id, PQgetvalue(res, 0, 0),
+                     PQgetvalue(res, 0, 1), "cancelled", atoi(PQgetvalue(res, 0, 2)), NULL,
+                     PQgetisnull(res, 0, 3) ? NULL : PQgetvalue(res, 0, 3), NULL, err);
+    PQclear(res);
+    return rc;
+}
+
+lc_rc lc_job_cancel(lc_db *db, const char *prefix, const char *source, const char *job_id,
+                    const char *reason, lc_err *err)
+{
+    api_ctx c = {prefix, source, job_id, reason};
+    if (!lc_uuid_valid(job_id))
+        return lc_err_set(err, LC_ERR_INVALID, "invalid job id \"%.40s\"", job_id);
+    return lc_db_tx(db, 3, cancel_tx, &c, err);
+}
+
+static lc_rc retry_tx(lc_db *db, void *arg, lc_err *err)
+{
+    api_ctx *c = arg;
+    PGresult *res = NULL;
+    const char *p[1] = {c->id};
+    lc_rc rc = lc_db_exec(db,
+                          "UPDATE jobs SET state = 'queued', attempts = 0, error = NULL, "
+                          "result = NULL, progress = NULL, retry_at = NULL, started_at = NULL, "
+                          "finished_at = NULL, lease_owner = NULL, lease_expires_at = NULL, "
+                          "published_at = now(), updated_at = now() "
+                          "WHERE id = $1 AND state IN ('failed', 'dead', 'cancelled') "
+                          "RETURNING kind, study_uid, params::text",
+                          1, p, &res, err);
+    if (rc != LC_OK)
+        return rc;
+    if (PQntuples(res) != 1) {
+        PQclear(res);
+        return explain_miss(db, c->id, "retry", err);
+    }
+    const char *kind = PQgetvalue(res, 0, 0), *study = PQgetvalue(res, 0, 1);
+    rc = emit_job(db, c->prefix, c->source, c->id, kind, study, PQgetvalue(res, 0, 2), 0, err);
+    if (rc == LC_OK)
+        rc = emit_status(db, c->prefix, c->source, c->id, kind, study, "queued", 0, NULL, NULL,
+                         NULL, err);
+    PQclear(res);
+    return rc;
+}
+
+lc_rc lc_job_retry(lc_db *db, const char *prefix, const char *source, const char *job_id,
+                   lc_err *err)
+{
+    api_ctx c = {prefix, source, job_id, NULL};
+    if (!lc_uuid_valid(job_id))
+        return lc_err_set(err, LC_ERR_INVALID, "invalid job id \"%.40s\"", job_id);
+    return lc_db_tx(db, 3, retry_tx, &c, err);
+}
+
 /* --- reconciler ------------------------------------------------------------------------ */
 
 typedef struct reconcile_ctx {

@@ -19,6 +19,7 @@ static const char *const topic_bases[LC_TOPIC__COUNT] = {
     [LC_TOPIC_INSTANCE_STORED] = "instance.stored", [LC_TOPIC_STUDY_COMPLETED] = "study.completed",
     [LC_TOPIC_JOB_UPLOAD] = "job.upload",           [LC_TOPIC_JOB_SEGMENT] = "job.segment",
     [LC_TOPIC_JOB_STATUS] = "job.status",           [LC_TOPIC_DLQ] = "dlq",
+    [LC_TOPIC_STUDY_CLOSE] = "study.close",
 };
 
 #define TOPIC_NAME_MAX 249 /* Kafka's limit */
@@ -366,6 +367,7 @@ lc_rc lc_kafka_producer_ping(lc_kafka_producer *p, int timeout_ms, lc_err *err)
 
 struct lc_kafka_consumer {
     rd_kafka_t *rk;
+    int tail; /* lc_kafka_tail_new: assigned partitions, never commits */
 };
 
 lc_rc lc_kafka_consumer_new(const lc_kafka_conf *conf, const char *group_id, const lc_topic *topics,
@@ -432,6 +434,85 @@ out:
         rd_kafka_conf_destroy(kc);
     if (subs)
         rd_kafka_topic_partition_list_destroy(subs);
+    lc_kafka_consumer_free(c);
+    return rc;
+}
+
+lc_rc lc_kafka_tail_new(const lc_kafka_conf *conf, lc_topic topic, int timeout_ms,
+                        lc_kafka_consumer **out, lc_err *err)
+{
+    rd_kafka_conf_t *kc = NULL;
+    rd_kafka_topic_partition_list_t *parts = NULL;
+    const struct rd_kafka_metadata *md = NULL;
+    lc_kafka_consumer *c = NULL;
+    char es[512], name[256], group[128], rnd[LC_UUID_LEN + 1];
+    lc_rc rc;
+    *out = NULL;
+    if (lc_topic_name(conf ? conf->topic_prefix : NULL, topic, name, sizeof(name)) != LC_OK)
+        return lc_err_set(err, LC_ERR_CONFIG, "invalid kafka topic name");
+    if ((rc = conf_new(conf, NULL, &kc, err)) != LC_OK)
+        goto out;
+    /* a group id of its own: never joined (partitions are assigned, not subscribed) and never
+     * committed to, so it leaves nothing behind on the brokers */
+    lc_uuid_v4(rnd);
+    snprintf(group, sizeof(group), "%s-tail-%.8s", conf->client_id ? conf->client_id : "radpipe",
+             rnd);
+    if ((rc = conf_set(kc, "group.id", group, err)) != LC_OK ||
+        (rc = conf_set(kc, "enable.auto.commit", "false", err)) != LC_OK ||
+        (rc = conf_set(kc, "enable.auto.offset.store", "false", err)) != LC_OK ||
+        (rc = conf_set(kc, "enable.partition.eof", "false", err)) != LC_OK)
+        goto out;
+    if (!(c = calloc(1, sizeof(*c)))) {
+        rc = lc_err_set(err, LC_ERR_NOMEM, "out of memory");
+        goto out;
+    }
+    c->tail = 1;
+    if (!(c->rk = rd_kafka_new(RD_KAFKA_CONSUMER, kc, es, sizeof(es)))) {
+        rc = lc_err_set(err, LC_ERR_CONFIG, "could not create kafka consumer: %s", es);
+        goto out;
+    }
+    kc = NULL;
+    rd_kafka_poll_set_consumer(c->rk);
+    rd_kafka_topic_t *rkt = rd_kafka_topic_new(c->rk, name, NULL);
+    rd_kafka_resp_err_t e =
+        rkt ? rd_kafka_metadata(c->rk, 0, rkt, &md, timeout_ms) : RD_KAFKA_RESP_ERR__INVALID_ARG;
+    if (rkt)
+        rd_kafka_topic_destroy(rkt);
+    if (e == RD_KAFKA_RESP_ERR_NO_ERROR && (md->topic_cnt != 1 || md->topics[0].err))
+        e = md->topic_cnt == 1 ? md->topics[0].err : RD_KAFKA_RESP_ERR_UNKNOWN_TOPIC_OR_PART;
+    if (e != RD_KAFKA_RESP_ERR_NO_ERROR) {
+        rc = lc_err_set(err, LC_ERR_UNAVAILABLE, "could not read the partitions of \"%s\": %s",
+                        name, rd_kafka_err2str(e));
+        goto out;
+    }
+    /* each partition from its current end: what is published from now on */
+    parts = rd_kafka_topic_partition_list_new(md->topics[0].partition_cnt);
+    for (int i = 0; i < md->topics[0].partition_cnt; i++) {
+        int32_t p = md->topics[0].partitions[i].id;
+        int64_t lo = 0, hi = 0;
+        e = rd_kafka_query_watermark_offsets(c->rk, name, p, &lo, &hi, timeout_ms);
+        if (e != RD_KAFKA_RESP_ERR_NO_ERROR) {
+            rc = lc_err_set(err, LC_ERR_UNAVAILABLE,
+                            "could not read the end offset of \"%s\" [%d]: %s", name, (int)p,
+                            rd_kafka_err2str(e));
+            goto out;
+        }
+        rd_kafka_topic_partition_list_add(parts, name, p)->offset = hi;
+    }
+    if ((e = rd_kafka_assign(c->rk, parts)) != RD_KAFKA_RESP_ERR_NO_ERROR) {
+        rc = lc_err_set(err, LC_ERR_KAFKA, "could not assign the partitions of \"%s\": %s",
+                        name, rd_kafka_err2str(e));
+        goto out;
+    }
+    *out = c;
+    c = NULL;
+out:
+    if (md)
+        rd_kafka_metadata_destroy(md);
+    if (parts)
+        rd_kafka_topic_partition_list_destroy(parts);
+    if (kc)
+        rd_kafka_conf_destroy(kc);
     lc_kafka_consumer_free(c);
     return rc;
 }
@@ -611,7 +692,8 @@ lc_rc lc_kafka_consumer_run(lc_kafka_consumer *c, const lc_kafka_run_opts *opts,
         lc_err herr = {0};
         lc_rc hrc = fn(ctx, msgs, n, &herr);
         if (hrc == LC_OK) {
-            commit_batch(c->rk, raw, n);
+            if (!c->tail)
+                commit_batch(c->rk, raw, n);
             backoff = o.retry_backoff_ms;
         } else {
             lc_log_warn("batch handler failed, redelivering after backoff",

@@ -62,6 +62,10 @@ int lc_service_args(const lc_service_def *def, int argc, char **argv)
                    RADPIPE_VERSION, def->summary);
             printf("| Variable | Default | Meaning |\n|---|---|---|\n");
             lc_cfg_print_markdown(stdout, t, n);
+            if (def->needs & LC_SVC_STORE) { /* what an s3:// store reads (lc/store.h) */
+                const lc_cfg_table s3 = {lc_store_s3_cfg_vars, lc_store_s3_cfg_nvars, NULL};
+                lc_cfg_print_markdown(stdout, &s3, 1);
+            }
             return 0;
         }
         if (strcmp(argv[i], "--version") == 0) {
@@ -74,7 +78,8 @@ int lc_service_args(const lc_service_def *def, int argc, char **argv)
     return -1;
 }
 
-/* Turns SIGTERM/SIGINT into s->stop; a second one exits at once; SIGUSR2 ends the thread. */
+/* Turns SIGTERM/SIGINT into s->stop; a second one exits at once; SIGHUP sets s->reload;
+ * SIGUSR2 ends the thread. */
 static void *signal_main(void *arg)
 {
     lc_service *s = arg;
@@ -82,6 +87,7 @@ static void *signal_main(void *arg)
     sigemptyset(&set);
     sigaddset(&set, SIGTERM);
     sigaddset(&set, SIGINT);
+    sigaddset(&set, SIGHUP);
     sigaddset(&set, SIGUSR2);
     for (;;) {
         int sig = 0;
@@ -89,6 +95,11 @@ static void *signal_main(void *arg)
             continue;
         if (sig == SIGUSR2)
             return NULL;
+        if (sig == SIGHUP) {
+            atomic_store(&s->reload, 1);
+            lc_log_info("reload requested", LC_LI("signal", sig));
+            continue;
+        }
         if (atomic_exchange(&s->stop, 1)) {
             lc_log_warn("second signal: exiting without draining", LC_LI("signal", sig));
             _exit(1);
@@ -174,6 +185,7 @@ lc_rc lc_service_init(lc_service *s, const lc_service_def *def, lc_err *err)
     memset(s, 0, sizeof(*s));
     s->def = def;
     atomic_init(&s->stop, 0);
+    atomic_init(&s->reload, 0);
     pthread_mutex_init(&s->check_mu, NULL);
     snprintf(s->source, sizeof(s->source), "/radpipe/%s", def->name);
     lc_log_init(def->name, LC_LOG_INFO);
@@ -183,6 +195,7 @@ lc_rc lc_service_init(lc_service *s, const lc_service_def *def, lc_err *err)
     sigemptyset(&set);
     sigaddset(&set, SIGTERM);
     sigaddset(&set, SIGINT);
+    sigaddset(&set, SIGHUP);
     sigaddset(&set, SIGUSR2);
     pthread_sigmask(SIG_BLOCK, &set, NULL);
     signal(SIGPIPE, SIG_IGN);

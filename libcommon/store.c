@@ -12,6 +12,7 @@
 
 static const lc_store_backend *const backends[] = {
     &lc_store_file_backend,
+    &lc_store_s3_backend,
 };
 
 int lc_store_key_valid(const char *key)
@@ -120,7 +121,152 @@ lc_rc lc_store_put_buf(lc_store *s, const char *key, const void *buf, size_t len
         return bad_key(err, key);
     if (!buf && len)
         return lc_err_set(err, LC_ERR_INVALID, "no data for object \"%s\"", key);
-    return s->be->put_buf(s, key, buf ? buf : "", len, err);
+    const lc_store_put_opts none = {0};
+    return s->be->put_buf(s, key, buf ? buf : "", len, &none, err);
+}
+
+/* A digest is stored as metadata: keep it to characters every backend and header allows. */
+static int digest_valid(const char *d)
+{
+    size_t n = 0;
+    for (; d[n]; n++) {
+        char c = d[n];
+        if (!((c >= '0' && c <= '9') || (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') ||
+              c == '.' || c == '_' || c == '-'))
+            return 0;
+    }
+    return n > 0 && n <= 64;
+}
+
+lc_rc lc_store_put_buf_opts(lc_store *s, const char *key, const void *buf, size_t len,
+                            const lc_store_put_opts *o, lc_err *err)
+{
+    const lc_store_put_opts none = {0};
+    if (!lc_store_key_valid(key))
+        return bad_key(err, key);
+    if (!buf && len)
+        return lc_err_set(err, LC_ERR_INVALID, "no data for object \"%s\"", key);
+    if (o && o->digest && !digest_valid(o->digest))
+        return lc_err_set(err, LC_ERR_INVALID, "invalid digest for object \"%s\"", key);
+    return s->be->put_buf(s, key, buf ? buf : "", len, o ? o : &none, err);
+}
+
+int64_t lc_store_multipart_threshold(const lc_store *s)
+{
+    return s && s->be->multipart_threshold ? s->be->multipart_threshold(s) : 0;
+}
+
+void lc_store_instrument(lc_store *s, lc_metrics *m, const char *prefix, const char *label)
+{
+    if (s && m && prefix && label && s->be->instrument)
+        s->be->instrument(s, m, prefix, label);
+}
+
+lc_rc lc_store_read(lc_store *s, const char *key, int64_t offset, int64_t len, lc_store_read_fn fn,
+                    void *ctx, lc_err *err)
+{
+    if (!lc_store_key_valid(key))
+        return bad_key(err, key);
+    if (!fn || offset < 0 || len < -1)
+        return lc_err_set(err, LC_ERR_INVALID, "invalid range read of object \"%s\"", key);
+    if (len == 0)
+        return LC_OK;
+    return s->be->read(s, key, offset, len, fn, ctx, err);
+}
+
+static lc_rc no_mpu(lc_err *err, const char *key)
+{
+    return lc_err_set(err, LC_ERR_UNSUPPORTED,
+                      "object store has no multipart uploads (object \"%s\")", key);
+}
+
+static lc_rc check_upload(const char *key, const char *upload_id, lc_err *err)
+{
+    if (!lc_store_key_valid(key))
+        return bad_key(err, key);
+    if (!upload_id || !*upload_id || strlen(upload_id) > 1024)
+        return lc_err_set(err, LC_ERR_INVALID, "invalid upload id for object \"%s\"", key);
+    return LC_OK;
+}
+
+lc_rc lc_store_mpu_create(lc_store *s, const char *key, const char *digest, char **upload_id,
+                          lc_err *err)
+{
+    *upload_id = NULL;
+    if (!lc_store_key_valid(key))
+        return bad_key(err, key);
+    if (digest && !digest_valid(digest))
+        return lc_err_set(err, LC_ERR_INVALID, "invalid digest for object \"%s\"", key);
+    if (!s->be->mpu_create)
+        return no_mpu(err, key);
+    return s->be->mpu_create(s, key, digest, upload_id, err);
+}
+
+lc_rc lc_store_mpu_put_part(lc_store *s, const char *key, const char *upload_id, int number,
+                            const void *buf, size_t len, lc_store_part *out, lc_err *err)
+{
+    lc_rc rc = check_upload(key, upload_id, err);
+    if (rc != LC_OK)
+        return rc;
+    if (number < 1 || number > 10000 || (!buf && len))
+        return lc_err_set(err, LC_ERR_INVALID, "invalid part %d of object \"%s\"", number, key);
+    if (!s->be->mpu_put_part)
+        return no_mpu(err, key);
+    return s->be->mpu_put_part(s, key, upload_id, number, buf ? buf : "", len, out, err);
+}
+
+lc_rc lc_store_mpu_complete(lc_store *s, const char *key, const char *upload_id,
+                            const lc_store_part *parts, size_t n, lc_err *err)
+{
+    lc_rc rc = check_upload(key, upload_id, err);
+    if (rc != LC_OK)
+        return rc;
+    if (!parts || n == 0 || n > 10000)
+        return lc_err_set(err, LC_ERR_INVALID, "no parts to complete object \"%s\"", key);
+    for (size_t i = 1; i < n; i++)
+        if (parts[i].number <= parts[i - 1].number)
+            return lc_err_set(err, LC_ERR_INVALID, "parts of object \"%s\" are not in order",
+                              key);
+    if (!s->be->mpu_complete)
+        return no_mpu(err, key);
+    return s->be->mpu_complete(s, key, upload_id, parts, n, err);
+}
+
+lc_rc lc_store_mpu_abort(lc_store *s, const char *key, const char *upload_id, lc_err *err)
+{
+    lc_rc rc = check_upload(key, upload_id, err);
+    if (rc != LC_OK)
+        return rc;
+    if (!s->be->mpu_abort)
+        return no_mpu(err, key);
+    return s->be->mpu_abort(s, key, upload_id, err);
+}
+
+lc_rc lc_store_mpu_list_parts(lc_store *s, const char *key, const char *upload_id,
+                              lc_store_part **parts, size_t *n, lc_err *err)
+{
+    *parts = NULL;
+    *n = 0;
+    lc_rc rc = check_upload(key, upload_id, err);
+    if (rc != LC_OK)
+        return rc;
+    if (!s->be->mpu_list_parts)
+        return no_mpu(err, key);
+    return s->be->mpu_list_parts(s, key, upload_id, parts, n, err);
+}
+
+lc_rc lc_store_mpu_list(lc_store *s, const char *prefix, lc_store_mpu_list_fn fn, void *ctx,
+                        lc_err *err)
+{
+    if (!prefix)
+        prefix = "";
+    if (!prefix_valid(prefix))
+        return bad_key(err, prefix);
+    if (!fn)
+        return lc_err_set(err, LC_ERR_INVALID, "no callback for upload listing");
+    if (!s->be->mpu_list)
+        return no_mpu(err, prefix);
+    return s->be->mpu_list(s, prefix, fn, ctx, err);
 }
 
 lc_rc lc_store_put_file(lc_store *s, const char *key, const char *src_path, unsigned flags,
@@ -190,10 +336,34 @@ lc_rc lc_store_local_path(lc_store *s, const char *key, char **path, lc_err *err
 
 lc_rc lc_store_writer_open(lc_store *s, const char *key, lc_store_writer **out, lc_err *err)
 {
+    return lc_store_writer_open_opts(s, key, NULL, out, err);
+}
+
+lc_rc lc_store_writer_open_opts(lc_store *s, const char *key, const lc_store_writer_opts *o,
+                                lc_store_writer **out, lc_err *err)
+{
+    const lc_store_writer_opts none = {.size_hint = -1};
     *out = NULL;
     if (!lc_store_key_valid(key))
         return bad_key(err, key);
-    return s->be->writer_open(s, key, out, err);
+    if (!o)
+        o = &none;
+    if (o->digest && !digest_valid(o->digest))
+        return lc_err_set(err, LC_ERR_INVALID, "invalid digest for object \"%s\"", key);
+    if (o->part_size < 0 || o->concurrency < 0 || (o->ndone && !o->done) ||
+        (o->ndone && !o->resume_upload_id))
+        return lc_err_set(err, LC_ERR_INVALID, "invalid writer options for object \"%s\"", key);
+    return s->be->writer_open(s, key, o, out, err);
+}
+
+void lc_store_writer_detach(lc_store_writer *w)
+{
+    if (!w)
+        return;
+    if (w->ops->detach)
+        w->ops->detach(w);
+    else
+        w->ops->abort(w);
 }
 
 lc_rc lc_store_writer_write(lc_store_writer *w, const void *buf, size_t len, lc_err *err)

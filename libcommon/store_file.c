@@ -415,8 +415,10 @@ void lc_store_file_force_fallback(lc_store *s)
 
 /* --- writes ----------------------------------------------------------------------------- */
 
-static lc_rc file_put_buf(lc_store *s, const char *key, const void *buf, size_t len, lc_err *err)
+static lc_rc file_put_buf(lc_store *s, const char *key, const void *buf, size_t len,
+                          const lc_store_put_opts *o, lc_err *err)
 {
+    (void)o; /* files keep no digest */
     const fstore *fs = fs_of(s);
     char tmp[TMP_NAME_LEN + 1];
     if (is_tmp_name(leaf_of(key)))
@@ -843,8 +845,10 @@ static const lc_store_writer_ops fwriter_ops = {
     .abort = fwriter_abort,
 };
 
-static lc_rc file_writer_open(lc_store *s, const char *key, lc_store_writer **out, lc_err *err)
+static lc_rc file_writer_open(lc_store *s, const char *key, const lc_store_writer_opts *o,
+                              lc_store_writer **out, lc_err *err)
 {
+    (void)o; /* no parts, no digest: a temporary file renamed at commit */
     if (is_tmp_name(leaf_of(key)))
         return reserved_key(err, key);
     fwriter *w = calloc(1, sizeof(*w));
@@ -865,6 +869,47 @@ static lc_rc file_writer_open(lc_store *s, const char *key, lc_store_writer **ou
     return LC_OK;
 }
 
+/* --- ranged reads ------------------------------------------------------------------------ */
+
+static lc_rc file_read(lc_store *s, const char *key, int64_t offset, int64_t len,
+                       lc_store_read_fn fn, void *ctx, lc_err *err)
+{
+    struct stat st;
+    lc_rc rc = LC_OK;
+    char *buf = NULL;
+    if (is_tmp_name(leaf_of(key)))
+        return reserved_key(err, key);
+    int fd = open_object(fs_of(s), key, O_RDONLY, &st);
+    if (fd < 0)
+        return sys_fail(err, errno, "read", key, 0);
+    if (!(buf = malloc(COPY_CHUNK))) {
+        rc = lc_err_set(err, LC_ERR_NOMEM, "out of memory reading object \"%s\"", key);
+        goto out;
+    }
+    int64_t left = len < 0 ? INT64_MAX : len;
+    while (left > 0) {
+        ssize_t n = pread(fd, buf, left < COPY_CHUNK ? (size_t)left : COPY_CHUNK, (off_t)offset);
+        if (n < 0 && errno == EINTR)
+            continue;
+        if (n < 0) {
+            rc = sys_fail(err, errno, "read", key, 0);
+            goto out;
+        }
+        if (n == 0)
+            break;
+        if (fn(ctx, buf, (size_t)n) != 0) {
+            rc = lc_err_set(err, LC_ERR_CANCELLED, "reading object \"%s\" was stopped", key);
+            goto out;
+        }
+        offset += n;
+        left -= n;
+    }
+out:
+    free(buf);
+    close(fd);
+    return rc;
+}
+
 const lc_store_backend lc_store_file_backend = {
     .scheme = "file://",
     .open = file_open,
@@ -878,4 +923,5 @@ const lc_store_backend lc_store_file_backend = {
     .list = file_list,
     .local_path = file_local_path,
     .writer_open = file_writer_open,
+    .read = file_read,
 };

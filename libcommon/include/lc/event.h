@@ -19,6 +19,7 @@
 #define LC_EV_JOB_SEGMENT     "radpipe.job.segment"
 #define LC_EV_JOB_STATUS      "radpipe.job.status"
 #define LC_EV_DLQ             "radpipe.dlq"
+#define LC_EV_STUDY_CLOSE     "radpipe.study.close"
 
 typedef struct lc_event {
     char id[129];  /* a UUID for radpipe's events; any string up to 128 bytes from others */

@@ -89,6 +89,20 @@ lc_rc lc_job_fail(lc_db *db, const lc_job_worker *w, const lc_job *job, const ch
  * again at once for another worker. */
 lc_rc lc_job_release(lc_db *db, const lc_job_worker *w, const lc_job *job, lc_err *err);
 
+/* queued | running -> cancelled (for the API): finished_at set, the lease dropped, reason
+ * (may be NULL) stored as the error; publishes job.status. A worker running the job finds
+ * out through its lease keeper (the next renew no longer matches: lc_job_lease_lost), and its
+ * own transitions then fail with LC_ERR_CONFLICT. LC_ERR_CONFLICT when the job is in another
+ * state, LC_ERR_NOT_FOUND for an unknown id. */
+lc_rc lc_job_cancel(lc_db *db, const char *prefix, const char *source, const char *job_id,
+                    const char *reason, lc_err *err);
+/* failed | dead | cancelled -> queued (for the API): attempts start again from 0, error,
+ * result, progress and retry_at are cleared; publishes the job.<kind> event and job.status.
+ * LC_ERR_CONFLICT when the job is queued, running or succeeded; LC_ERR_NOT_FOUND for an
+ * unknown id. */
+lc_rc lc_job_retry(lc_db *db, const char *prefix, const char *source, const char *job_id,
+                   lc_err *err);
+
 /* One reconciler pass for jobs of kind (NULL: all kinds):
  *  - running jobs whose lease expired: re-queued (or dead when attempts are exhausted);
  *  - failed jobs whose retry_at passed: re-queued;

@@ -21,6 +21,7 @@ typedef enum lc_topic {
     LC_TOPIC_JOB_SEGMENT,
     LC_TOPIC_JOB_STATUS,
     LC_TOPIC_DLQ,
+    LC_TOPIC_STUDY_CLOSE, /* "study.close": an explicit end of a study (gateway, pipelines) */
     LC_TOPIC__COUNT
 } lc_topic;
 
@@ -91,6 +92,13 @@ typedef struct lc_kafka_consumer lc_kafka_consumer;
 lc_rc lc_kafka_consumer_new(const lc_kafka_conf *conf, const char *group_id, const lc_topic *topics,
                             size_t ntopics, int max_poll_interval_ms, lc_kafka_consumer **out,
                             lc_err *err);
+/* A consumer that fans out rather than shares: it is assigned every partition of topic at
+ * its current end (no group membership, nothing committed, ever), so each process running
+ * one sees every message published after this call returns. Partitions added to the topic
+ * later are not followed. Run it with lc_kafka_consumer_run (commits are skipped). Fails with
+ * LC_ERR_UNAVAILABLE when the brokers or the topic do not answer within timeout_ms. */
+lc_rc lc_kafka_tail_new(const lc_kafka_conf *conf, lc_topic topic, int timeout_ms,
+                        lc_kafka_consumer **out, lc_err *err);
 /* Leaves the group (commits nothing further) and frees. Accepts NULL. */
 void lc_kafka_consumer_free(lc_kafka_consumer *c);
 

@@ -1,7 +1,8 @@
 /*
  * service.h: what every radpipe executable does at start and stop, so each main() stays short:
  * `--help` (the RADPIPE_* variables), configuration, JSON logging, a signal thread that turns
- * SIGTERM/SIGINT into a stop flag (a second signal exits at once), database connection and
+ * SIGTERM/SIGINT into a stop flag (a second signal exits at once) and SIGHUP into a reload
+ * flag (a service that reloads nothing simply ignores SIGHUP), database connection and
  * migrations, the Kafka producer and outbox relay, the object store and the admin listener.
  * An lc_service is created and released by the main thread; stop is read by every thread.
  */
@@ -52,8 +53,9 @@ typedef struct lc_service_def {
 typedef struct lc_service {
     const lc_service_def *def;
     lc_common_cfg cfg;
-    atomic_int stop; /* set by the signal thread; read by everyone */
-    char source[80]; /* CloudEvents source, "/radpipe/<name>" */
+    atomic_int stop;   /* set by the signal thread; read by everyone */
+    atomic_int reload; /* set to 1 by SIGHUP; the service takes it with atomic_exchange(.., 0) */
+    char source[80];   /* CloudEvents source, "/radpipe/<name>" */
     lc_kafka_conf kconf;
     lc_metrics *metrics;
     lc_admin *admin;
@@ -74,7 +76,7 @@ typedef struct lc_service {
 int lc_service_args(const lc_service_def *def, int argc, char **argv);
 
 /* Everything up to "ready to consume": on failure logs the reason and returns it. Blocks
- * SIGTERM/SIGINT in the calling thread before creating threads, so call it first. */
+ * SIGTERM/SIGINT/SIGHUP in the calling thread before creating threads, so call it first. */
 lc_rc lc_service_init(lc_service *s, const lc_service_def *def, lc_err *err);
 /* Stop in reverse order: mark draining, stop the relay (publishing what is pending for up to
  * the drain time), flush the producer, close everything. */

@@ -277,6 +277,7 @@ static void test_topic_names(void **state)
     assert_string_equal(lc_topic_base(LC_TOPIC_JOB_SEGMENT), "job.segment");
     assert_string_equal(lc_topic_base(LC_TOPIC_JOB_STATUS), "job.status");
     assert_string_equal(lc_topic_base(LC_TOPIC_DLQ), "dlq");
+    assert_string_equal(lc_topic_base(LC_TOPIC_STUDY_CLOSE), "study.close");
     assert_null(lc_topic_base(LC_TOPIC__COUNT));
     assert_null(lc_topic_base((lc_topic)-1));
     for (int t = 0; t < LC_TOPIC__COUNT; t++)

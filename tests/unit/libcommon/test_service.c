@@ -3,7 +3,8 @@
  * variable with its default, --version, unknown arguments; a bad value stops start-up with
  * a message naming the variable; a full start against real PostgreSQL, a real Kafka-protocol
  * broker and a file store runs the migrations, serves /healthz, /readyz (database and kafka
- * checks) and /metrics, turns SIGTERM into the stop flag, and releases everything cleanly.
+ * checks) and /metrics, turns SIGHUP into the reload flag and SIGTERM into the stop flag, and
+ * releases everything cleanly.
  */
 #include <setjmp.h>
 #include <signal.h>
@@ -159,6 +160,14 @@ static void test_full_start_and_sigterm(void **state)
     free(body);
     snprintf(buf, sizeof(buf), "http://127.0.0.1:%d/metrics", port);
     assert_int_equal(ts_http("GET", buf, NULL, NULL, NULL, 0, NULL, NULL), 200);
+
+    /* SIGHUP sets the reload flag and nothing else */
+    assert_int_equal(atomic_load(&s.reload), 0);
+    kill(getpid(), SIGHUP);
+    for (int i = 0; i < 100 && !atomic_load(&s.reload); i++)
+        usleep(20 * 1000);
+    assert_int_equal(atomic_exchange(&s.reload, 0), 1);
+    assert_false(lc_service_stopping(&s));
 
     /* SIGTERM reaches the signal thread, which sets stop */
     assert_false(lc_service_stopping(&s));
