@@ -117,7 +117,7 @@ $(BUILD)/obj/%.o: %.cc
 $(LC_OBJ) $(GPU_OBJ): | $(BUILD)/gen/lc_migrations.c
 
 # --- services ----------------------------------------------------------------------------
-SERVICES := api-gateway dicom-indexer storage-uploader gpu-segmenter
+SERVICES := api-gateway dicom-indexer storage-uploader gpu-segmenter radpipe-notify
 LINK_LIBS := $(LIBGPU) $(LIBCOMMON) $(LIBS) $(CUDA_LIBS)
 
 define service_rule

@@ -24,6 +24,9 @@ typedef struct idx_cfg {
     long long batch_max;        /* RADPIPE_INDEX_BATCH_MAX: messages per transaction */
     long long quiet_seconds;    /* RADPIPE_STUDY_QUIET_SECONDS: completion after this quiet */
     long long job_max_attempts; /* RADPIPE_JOB_MAX_ATTEMPTS: for the jobs completion creates */
+    long long parse_threads;    /* RADPIPE_INDEX_PARSE_THREADS: 0 = one per online CPU */
+    int verify_sha256;          /* RADPIPE_INDEX_VERIFY_SHA256: hash every stored object */
+    char *spool_watch_dir;      /* RADPIPE_SPOOL_WATCH_DIR: "" = no spool watcher */
 } idx_cfg;
 
 extern const lc_cfg_var idx_cfg_vars[];
@@ -46,8 +49,23 @@ typedef struct idx_ctx {
     char *tmpdir;             /* owned; for objects fetched from remote stores, made lazily */
     int64_t next_complete_ms; /* when the tick next runs study completion */
     idx_stats last;           /* the latest committed batch, for logs and tests */
+    /* routing rules and completion settings (idx_rules.h): NULL = the built-in default;
+     * owned by whoever set them (main, tests: idx_rules_free after idx_release); a SIGHUP
+     * reload (reload set) replaces them from rules_path on the consuming thread */
+    struct idx_rules *rules;
+    const char *rules_path; /* RADPIPE_RULES_FILE, borrowed; NULL or "" when unset */
+    atomic_int *reload;     /* borrowed (lc_service.reload); NULL: never reloads */
     lc_counter *m_inserted, *m_replaced, *m_duplicate, *m_quarantined, *m_completed;
     lc_histogram *m_batch;
+    /* ingest (idx_ingest.c): the parse pool and its metrics */
+    struct idx_pool *pool;          /* owned; NULL when parsing on the consuming thread only */
+    lc_counter *m_parse_failures;   /* files that are not readable DICOM */
+    lc_histogram *m_batch_size;     /* messages per batch */
+    lc_histogram *m_stage_queue;    /* event time to the start of its batch */
+    lc_histogram *m_stage_load;     /* read, hash and parse of a batch's objects */
+    lc_histogram *m_stage_write;    /* the batch transaction */
+    lc_histogram *m_event_to_commit; /* event time to the committed row, per instance */
+    lc_gauge *m_lag_seconds;        /* now - broker timestamp of the batch's newest message */
 } idx_ctx;
 
 /* Fill x; db, store, prefix and source are borrowed and must outlive it; metrics may be NULL
@@ -61,7 +79,14 @@ void idx_release(idx_ctx *x);
  * database unreachable) leaves nothing behind, so the batch can be redelivered. */
 lc_rc idx_handle_batch(void *ctx, const lc_kafka_msg *msgs, size_t n, lc_err *err);
 
-/* The consumer's tick (ctx: idx_ctx): study completion about once a second. */
+/* The lc_kafka_batch_fn of the indexer's consumer (ctx: idx_ctx), subscribed to
+ * instance.stored and study.close: instance.stored messages go to idx_handle_batch, then one
+ * transaction records the studies' sources (instance.stored data.source) and applies the
+ * study.close events (idx_close.c). */
+lc_rc idx_route_batch(void *ctx, const lc_kafka_msg *msgs, size_t n, lc_err *err);
+
+/* The consumer's tick (ctx: idx_ctx): a pending SIGHUP reload of the rules, then study
+ * completion about once a second. */
 void idx_tick(void *ctx);
 /* One completion pass now: completes up to a page of quiet dirty studies in one transaction,
  * with their study.completed events and upload/segment jobs. *completed may be NULL. */
@@ -89,12 +114,17 @@ typedef struct idx_item {
     lc_event *ev;            /* owned; NULL when the message is not a valid event */
     const char *study_uid, *series_uid, *sop_uid; /* borrowed from ev->data */
     char *key;          /* owned: store key of the object, NULL when unknown */
-    lc_dicom_header *h; /* owned when READY */
+    lc_dicom_header *h; /* owned when READY (with the DICOM JSON) */
     char sha256[65];
     long long size;
     idx_state state;
     idx_result result; /* set by the transaction (reset on each attempt) */
     char reason[320];  /* IDX_QUARANTINE */
+    char *qkey;        /* owned: where the quarantined bytes were kept, NULL when nowhere */
+    int parse_failed;  /* the object is not readable DICOM (a parse failure, for the metric) */
+    int64_t event_ms;  /* event time (CloudEvents time, else the broker's timestamp); -1 */
+    lc_rc load_rc;     /* a transient failure of the load step (the batch is redelivered) */
+    char load_err[256];
 } idx_item;
 
 typedef struct idx_write {
@@ -109,6 +139,53 @@ lc_rc idx_db_mark_processed(lc_db *db, idx_item *items, size_t n, lc_err *err);
  * rows, study/series/instance upserts and the counts of the studies that changed. Sets each
  * item's result; safe to run again after a rollback. */
 lc_rc idx_db_write(lc_db *db, void *ctx, lc_err *err);
+
+/* A DICOM DA value as the index stores it: "YYYYMMDD" (an old "YYYY.MM.DD" loses its dots);
+ * NULL for anything else. Caller frees. */
+char *idx_norm_date(const char *s);
+/* A DICOM TM value as the index stores it: HH[MM[SS[.F{1,6}]]] (old "HH:MM:SS" loses its
+ * colons); NULL for anything else. Caller frees. */
+char *idx_norm_time(const char *s);
+
+/* Keep the bytes of a poison input under quarantine/ in the store: the object (copied from
+ * src_path when given) or buf, plus "<key>.json" with the reason and where it came from. The
+ * key is derived from origin (stable, so a redelivery overwrites rather than adds). move: src
+ * may be renamed into place (spool files). *key (caller frees) gets the object's key. */
+lc_rc idx_quarantine_put(lc_store *store, const char *origin, const char *src_path, int move,
+                         const void *buf, size_t len, const char *reason, const char *event_id,
+                         char **key, lc_err *err);
+
+/* --- the parse pool (idx_pool.c) ------------------------------------------------------- */
+
+typedef struct idx_pool idx_pool;
+/* threads helpers (besides the caller); 0 gives NULL (no pool, no error). */
+lc_rc idx_pool_new(int threads, idx_pool **out, lc_err *err);
+void idx_pool_free(idx_pool *p);
+/* Run fn(ctx, i) for every i in [0, n) on the pool's threads and the calling thread; returns
+ * once all are done. p may be NULL (everything on the caller). */
+void idx_pool_run(idx_pool *p, size_t n, void (*fn)(void *ctx, size_t i), void *ctx);
+
+/* --- the spool watcher (idx_spool.c) --------------------------------------------------- */
+
+typedef struct idx_spool idx_spool;
+/* Watch dir (inotify) on a thread of its own with its own database connection: every finished
+ * file is stored in the object store under instances/<study>/<series>/<sop>.dcm and announced
+ * by an instance.stored event through the outbox (source {"kind":"spool","name":<first path
+ * component below dir, else "spool">}), then removed; a file that is not DICOM goes to the
+ * quarantine. Files already there at start are taken too. store, prefix, source, metrics and
+ * stop are borrowed and must outlive the watcher. */
+lc_rc idx_spool_start(const char *dir, const char *db_url, lc_store *store, const char *prefix,
+                      const char *source, lc_metrics *metrics, const atomic_int *stop,
+                      idx_spool **out, lc_err *err);
+/* Finish the file in hand, stop the thread and free. Accepts NULL. */
+void idx_spool_stop(idx_spool *sp);
+/* Process what is in the folder now (and what inotify reported), on the calling thread;
+ * returns how many files were handled. For tests; the thread must not be running. */
+lc_rc idx_spool_poll(idx_spool *sp, int *handled, lc_err *err);
+/* A watcher without its thread, for idx_spool_poll. */
+lc_rc idx_spool_open(const char *dir, const char *db_url, lc_store *store, const char *prefix,
+                     const char *source, lc_metrics *metrics, const atomic_int *stop,
+                     idx_spool **out, lc_err *err);
 
 /* Replace every invalid UTF-8 sequence of s with '?' in place (PostgreSQL text must be valid
  * UTF-8, and one bad string must not turn a batch into a poison pill). NULL is fine. */

@@ -1,108 +1,140 @@
 /*
- * idx_db.c: the indexer's writes. A batch goes to PostgreSQL in a handful of multi-row
- * statements (the rows travel as one JSON array, expanded with jsonb_to_recordset, which also
- * does the quoting), all inside the caller's transaction, so the batch is indexed entirely or
- * not at all. Functions take the consuming thread's connection; nothing here keeps state.
+ * idx_db.c: the indexer's writes. A batch goes to PostgreSQL as one COPY into a session-local
+ * staging table (idx_stage, emptied at each commit), from which a handful of multi-row
+ * statements upsert patients, studies, series, instances and their DICOM JSON, and recount the
+ * studies that changed; all inside the caller's transaction, so the batch is indexed entirely
+ * or not at all. Functions take the consuming thread's connection; nothing here keeps state.
+ *
+ * Name normalisation (the *_norm columns, proto/sql/002_qido.sql): PostgreSQL's upper() of the
+ * value as stored (the whole PN value, every component group), computed in the upsert itself,
+ * so it is by construction the same function the gateway applies to QIDO-RS query values
+ * (upper($n), services/api-gateway/gw_qido.c): Unicode-aware under the database's UTF-8
+ * LC_CTYPE (C.UTF-8 in the embedded stack). Dates and times are stored only when well-formed
+ * (idx_norm_date, idx_norm_time).
  */
 #include <math.h>
+#include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include "idx.h"
 #include "lc/outbox.h"
 
-/* The columns of one row of the batch array (see row_json). */
-#define ROWS_FROM                                                                                  \
-    " FROM jsonb_to_recordset($1::jsonb) AS r(ord int, study_uid text, patient_id text,"           \
-    " patient_name text, patient_birth_date text, patient_sex text, study_date text,"              \
-    " study_time text, accession_number text, study_id text, study_description text,"              \
-    " referring_physician text, series_uid text, modality text, series_number int,"                \
-    " series_description text, body_part_examined text, sop_uid text, sop_class_uid text,"         \
-    " transfer_syntax_uid text, instance_number int, rows int, columns int,"                       \
-    " number_of_frames int, image_position float8[], image_orientation float8[],"                  \
-    " pixel_spacing float8[], slice_thickness float8, store_key text, size_bytes bigint,"          \
-    " sha256 text)"
+/* The staging table: one row per instance to write, in COPY's column order (see stage_row). */
+static const char stage_sql[] =
+    "CREATE TEMP TABLE IF NOT EXISTS idx_stage (ord int, study_uid text, patient_key text,"
+    " patient_id text, issuer text, patient_name text, patient_birth_date text,"
+    " patient_sex text, study_date text, study_time text, accession_number text,"
+    " study_id text, study_description text, referring_physician text,"
+    " institution_name text, timezone_offset text, series_uid text, modality text,"
+    " series_number int, series_description text, body_part_examined text,"
+    " series_date text, series_time text, pps_start_date text, pps_start_time text,"
+    " request_attributes text, sop_uid text, sop_class_uid text, transfer_syntax_uid text,"
+    " instance_number int, rows int, columns int, number_of_frames int, bits_allocated int,"
+    " content_date text, content_time text, image_position float8[],"
+    " image_orientation float8[], pixel_spacing float8[], slice_thickness float8,"
+    " store_key text, size_bytes bigint, sha256 text, metadata text) ON COMMIT DELETE ROWS";
 
-/* Descriptive values: the latest instance that has one wins; a row is only rewritten when a
- * value really changes, so re-sent instances leave studies and series untouched. */
+static const char copy_sql[] = "COPY idx_stage FROM STDIN";
+
+/* Descriptive values: the latest instance that has one wins (a NULL never overwrites); a row
+ * is only rewritten when a value really changes, so re-sent instances leave it untouched. */
+static const char upsert_patients_sql[] =
+    "INSERT INTO patients AS p (patient_key, patient_id, issuer_of_patient_id, patient_name,"
+    " patient_name_norm, patient_birth_date, patient_sex)"
+    " SELECT DISTINCT ON (r.patient_key) r.patient_key, r.patient_id, r.issuer, r.patient_name,"
+    " upper(r.patient_name), r.patient_birth_date, r.patient_sex FROM idx_stage r"
+    " WHERE r.patient_key IS NOT NULL ORDER BY r.patient_key, r.ord DESC"
+    " ON CONFLICT (patient_key) DO UPDATE SET"
+    " patient_name = COALESCE(EXCLUDED.patient_name, p.patient_name),"
+    " patient_name_norm = COALESCE(EXCLUDED.patient_name_norm, p.patient_name_norm),"
+    " patient_birth_date = COALESCE(EXCLUDED.patient_birth_date, p.patient_birth_date),"
+    " patient_sex = COALESCE(EXCLUDED.patient_sex, p.patient_sex), updated_at = now()"
+    " WHERE (p.patient_name, p.patient_birth_date, p.patient_sex) IS DISTINCT FROM"
+    " (COALESCE(EXCLUDED.patient_name, p.patient_name),"
+    " COALESCE(EXCLUDED.patient_birth_date, p.patient_birth_date),"
+    " COALESCE(EXCLUDED.patient_sex, p.patient_sex))";
+
+#define KEEP(c) " " c " = COALESCE(EXCLUDED." c ", s." c "),"
+#define NEWV(c) " COALESCE(EXCLUDED." c ", s." c ")"
 static const char upsert_studies_sql[] =
-    "INSERT INTO studies AS s (study_uid, patient_id, patient_name, patient_birth_date,"
-    " patient_sex, study_date, study_time, accession_number, study_id, study_description,"
-    " referring_physician)"
-    " SELECT DISTINCT ON (r.study_uid) r.study_uid, r.patient_id, r.patient_name,"
-    " r.patient_birth_date, r.patient_sex, r.study_date, r.study_time, r.accession_number,"
-    " r.study_id, r.study_description, r.referring_physician" ROWS_FROM
-    " ORDER BY r.study_uid, r.ord DESC"
-    " ON CONFLICT (study_uid) DO UPDATE SET"
-    " patient_id = COALESCE(EXCLUDED.patient_id, s.patient_id),"
-    " patient_name = COALESCE(EXCLUDED.patient_name, s.patient_name),"
-    " patient_birth_date = COALESCE(EXCLUDED.patient_birth_date, s.patient_birth_date),"
-    " patient_sex = COALESCE(EXCLUDED.patient_sex, s.patient_sex),"
-    " study_date = COALESCE(EXCLUDED.study_date, s.study_date),"
-    " study_time = COALESCE(EXCLUDED.study_time, s.study_time),"
-    " accession_number = COALESCE(EXCLUDED.accession_number, s.accession_number),"
-    " study_id = COALESCE(EXCLUDED.study_id, s.study_id),"
-    " study_description = COALESCE(EXCLUDED.study_description, s.study_description),"
-    " referring_physician = COALESCE(EXCLUDED.referring_physician, s.referring_physician),"
-    " updated_at = now()"
-    " WHERE (EXCLUDED.patient_id IS NOT NULL AND EXCLUDED.patient_id IS DISTINCT FROM s.patient_id)"
-    " OR (EXCLUDED.patient_name IS NOT NULL AND EXCLUDED.patient_name IS DISTINCT FROM "
-    "s.patient_name)"
-    " OR (EXCLUDED.patient_birth_date IS NOT NULL AND EXCLUDED.patient_birth_date IS DISTINCT FROM "
-    "s.patient_birth_date)"
-    " OR (EXCLUDED.patient_sex IS NOT NULL AND EXCLUDED.patient_sex IS DISTINCT FROM s.patient_sex)"
-    " OR (EXCLUDED.study_date IS NOT NULL AND EXCLUDED.study_date IS DISTINCT FROM s.study_date)"
-    " OR (EXCLUDED.study_time IS NOT NULL AND EXCLUDED.study_time IS DISTINCT FROM s.study_time)"
-    " OR (EXCLUDED.accession_number IS NOT NULL AND EXCLUDED.accession_number IS DISTINCT FROM "
-    "s.accession_number)"
-    " OR (EXCLUDED.study_id IS NOT NULL AND EXCLUDED.study_id IS DISTINCT FROM s.study_id)"
-    " OR (EXCLUDED.study_description IS NOT NULL AND EXCLUDED.study_description IS DISTINCT FROM "
-    "s.study_description)"
-    " OR (EXCLUDED.referring_physician IS NOT NULL AND EXCLUDED.referring_physician IS DISTINCT "
-    "FROM s.referring_physician)";
+    "INSERT INTO studies AS s (study_uid, patient_key, patient_id, issuer_of_patient_id,"
+    " patient_name, patient_name_norm, patient_birth_date, patient_sex, study_date, study_time,"
+    " accession_number, study_id, study_description, study_description_norm,"
+    " referring_physician, referring_physician_norm, institution_name, timezone_offset)"
+    " SELECT DISTINCT ON (r.study_uid) r.study_uid, r.patient_key, r.patient_id, r.issuer,"
+    " r.patient_name, upper(r.patient_name), r.patient_birth_date, r.patient_sex, r.study_date,"
+    " r.study_time, r.accession_number, r.study_id, r.study_description,"
+    " upper(r.study_description), r.referring_physician, upper(r.referring_physician),"
+    " r.institution_name, r.timezone_offset FROM idx_stage r ORDER BY r.study_uid, r.ord DESC"
+    " ON CONFLICT (study_uid) DO UPDATE SET" KEEP("patient_key") KEEP("patient_id")
+        KEEP("issuer_of_patient_id") KEEP("patient_name") KEEP("patient_name_norm")
+            KEEP("patient_birth_date") KEEP("patient_sex") KEEP("study_date") KEEP("study_time")
+                KEEP("accession_number") KEEP("study_id") KEEP("study_description")
+                    KEEP("study_description_norm") KEEP("referring_physician")
+                        KEEP("referring_physician_norm") KEEP("institution_name")
+                            KEEP("timezone_offset") " updated_at = now()"
+    " WHERE (s.patient_key, s.patient_id, s.issuer_of_patient_id, s.patient_name,"
+    " s.patient_birth_date, s.patient_sex, s.study_date, s.study_time, s.accession_number,"
+    " s.study_id, s.study_description, s.referring_physician, s.institution_name,"
+    " s.timezone_offset) IS DISTINCT FROM (" NEWV("patient_key") "," NEWV("patient_id") "," NEWV(
+        "issuer_of_patient_id") "," NEWV("patient_name") "," NEWV("patient_birth_date") "," NEWV("patient_sex") "," NEWV("study_date") "," NEWV("study_time") "," NEWV("accession_number") "," NEWV("study_id") "," NEWV("study_description") "," NEWV("referring_physician") "," NEWV("institution_name") "," NEWV("timezone_offset") ")";
 
 static const char upsert_series_sql[] =
     "INSERT INTO series AS s (series_uid, study_uid, modality, series_number,"
-    " series_description, body_part_examined)"
-    " SELECT DISTINCT ON (r.series_uid) r.series_uid, r.study_uid, r.modality, r.series_number,"
-    " r.series_description, r.body_part_examined" ROWS_FROM " ORDER BY r.series_uid, r.ord DESC"
-    " ON CONFLICT (series_uid) DO UPDATE SET study_uid = EXCLUDED.study_uid,"
-    " modality = COALESCE(EXCLUDED.modality, s.modality),"
-    " series_number = COALESCE(EXCLUDED.series_number, s.series_number),"
-    " series_description = COALESCE(EXCLUDED.series_description, s.series_description),"
-    " body_part_examined = COALESCE(EXCLUDED.body_part_examined, s.body_part_examined),"
+    " series_description, body_part_examined, series_date, series_time,"
+    " performed_procedure_step_start_date, performed_procedure_step_start_time,"
+    " request_attributes)"
+    " SELECT DISTINCT ON (r.series_uid) r.series_uid, r.study_uid, r.modality,"
+    " r.series_number, r.series_description, r.body_part_examined, r.series_date,"
+    " r.series_time, r.pps_start_date, r.pps_start_time, r.request_attributes::jsonb"
+    " FROM idx_stage r ORDER BY r.series_uid, r.ord DESC"
+    " ON CONFLICT (series_uid) DO UPDATE SET study_uid = EXCLUDED.study_uid," KEEP("modality")
+        KEEP("series_number") KEEP("series_description") KEEP("body_part_examined")
+            KEEP("series_date") KEEP("series_time") KEEP("performed_procedure_step_start_date")
+                KEEP("performed_procedure_step_start_time") KEEP("request_attributes")
     " updated_at = now()"
-    " WHERE s.study_uid IS DISTINCT FROM EXCLUDED.study_uid"
-    " OR (EXCLUDED.modality IS NOT NULL AND EXCLUDED.modality IS DISTINCT FROM s.modality)"
-    " OR (EXCLUDED.series_number IS NOT NULL AND EXCLUDED.series_number IS DISTINCT FROM "
-    "s.series_number)"
-    " OR (EXCLUDED.series_description IS NOT NULL AND EXCLUDED.series_description IS DISTINCT FROM "
-    "s.series_description)"
-    " OR (EXCLUDED.body_part_examined IS NOT NULL AND EXCLUDED.body_part_examined IS DISTINCT FROM "
-    "s.body_part_examined)";
+    " WHERE (s.study_uid, s.modality, s.series_number, s.series_description,"
+    " s.body_part_examined, s.series_date, s.series_time, s.performed_procedure_step_start_date,"
+    " s.performed_procedure_step_start_time, s.request_attributes) IS DISTINCT FROM"
+    " (EXCLUDED.study_uid," NEWV("modality") "," NEWV("series_number") "," NEWV(
+        "series_description") "," NEWV("body_part_examined") "," NEWV("series_date") "," NEWV("series_time") "," NEWV("performed_procedure_step_start_date") "," NEWV("performed_procedure_step_start_time") "," NEWV("request_attributes") ")";
+#undef KEEP
+#undef NEWV
 
 /* A known SOPInstanceUID with other bytes is replaced (latest wins); the same bytes again
- * change nothing. (xmax = 0) tells a fresh insert from an update. */
+ * change nothing. (xmax = 0) tells a fresh insert from an update. The DICOM JSON is written
+ * with the row for new and replaced instances, and for known ones that lack it. */
 static const char upsert_instances_sql[] =
-    "INSERT INTO instances AS i (sop_uid, series_uid, study_uid, sop_class_uid,"
-    " transfer_syntax_uid, instance_number, rows, columns, number_of_frames, image_position,"
-    " image_orientation, pixel_spacing, slice_thickness, store_key, size_bytes, sha256)"
+    "WITH up AS (INSERT INTO instances AS i (sop_uid, series_uid, study_uid, sop_class_uid,"
+    " transfer_syntax_uid, instance_number, rows, columns, number_of_frames, bits_allocated,"
+    " content_date, content_time, image_position, image_orientation, pixel_spacing,"
+    " slice_thickness, store_key, size_bytes, sha256)"
     " SELECT r.sop_uid, r.series_uid, r.study_uid, r.sop_class_uid, r.transfer_syntax_uid,"
-    " r.instance_number, r.rows, r.columns, r.number_of_frames, r.image_position,"
-    " r.image_orientation, r.pixel_spacing, r.slice_thickness, r.store_key, r.size_bytes,"
-    " r.sha256" ROWS_FROM " ORDER BY r.sop_uid"
+    " r.instance_number, r.rows, r.columns, r.number_of_frames, r.bits_allocated,"
+    " r.content_date, r.content_time, r.image_position, r.image_orientation, r.pixel_spacing,"
+    " r.slice_thickness, r.store_key, r.size_bytes, r.sha256 FROM idx_stage r ORDER BY r.sop_uid"
     " ON CONFLICT (sop_uid) DO UPDATE SET series_uid = EXCLUDED.series_uid,"
     " study_uid = EXCLUDED.study_uid, sop_class_uid = EXCLUDED.sop_class_uid,"
     " transfer_syntax_uid = EXCLUDED.transfer_syntax_uid,"
     " instance_number = EXCLUDED.instance_number, rows = EXCLUDED.rows,"
     " columns = EXCLUDED.columns, number_of_frames = EXCLUDED.number_of_frames,"
+    " bits_allocated = EXCLUDED.bits_allocated, content_date = EXCLUDED.content_date,"
+    " content_time = EXCLUDED.content_time,"
     " image_position = EXCLUDED.image_position, image_orientation = EXCLUDED.image_orientation,"
     " pixel_spacing = EXCLUDED.pixel_spacing, slice_thickness = EXCLUDED.slice_thickness,"
     " store_key = EXCLUDED.store_key, size_bytes = EXCLUDED.size_bytes,"
     " sha256 = EXCLUDED.sha256, replaced_count = i.replaced_count + 1, received_at = now(),"
     " updated_at = now()"
     " WHERE i.sha256 IS DISTINCT FROM EXCLUDED.sha256"
-    " RETURNING i.sop_uid, (i.xmax = 0) AS inserted";
+    " RETURNING i.sop_uid, (i.xmax = 0) AS inserted),"
+    " md AS (INSERT INTO instance_metadata AS m (sop_uid, json)"
+    " SELECT r.sop_uid, r.metadata::jsonb FROM idx_stage r"
+    " WHERE r.sop_uid IN (SELECT sop_uid FROM up)"
+    " OR NOT EXISTS (SELECT 1 FROM instance_metadata e WHERE e.sop_uid = r.sop_uid)"
+    " ORDER BY r.sop_uid"
+    " ON CONFLICT (sop_uid) DO UPDATE SET json = EXCLUDED.json)"
+    " SELECT sop_uid, inserted FROM up";
 
 /* Counts are recomputed from the instances table (never incremented), so they stay exact
  * whatever was redelivered; the studies are marked dirty for completion. */
@@ -230,7 +262,8 @@ static lc_rc add_quarantine(lc_db *db, const idx_ctx *x, const idx_item *it, lc_
     snprintf(source, sizeof(source), "kafka:%s/%d@%lld", m->topic, (int)m->partition,
              (long long)m->offset);
     idx_utf8_fix(source);
-    const char *p[4] = {source, it->key, it->reason, it->ev ? it->ev->id : NULL};
+    const char *p[4] = {source, it->qkey ? it->qkey : it->key, it->reason,
+                        it->ev ? it->ev->id : NULL};
     lc_rc rc = lc_db_exec(db, quarantine_sql, 4, p, NULL, err);
     if (rc == LC_OK)
         rc = lc_outbox_add_dlq(db, x->prefix, IDX_SERVICE, m->topic, m->partition, m->offset,
@@ -238,69 +271,247 @@ static lc_rc add_quarantine(lc_db *db, const idx_ctx *x, const idx_item *it, lc_
     return rc;
 }
 
-/* cJSON adders that report failure, so a half-built row never reaches the database. */
-static int put_str(cJSON *o, const char *k, const char *v)
+/* ---- the COPY rows ---------------------------------------------------------------------- */
+
+/* A growing buffer; on allocation failure it stops growing and remembers it. */
+typedef struct buf {
+    char *p;
+    size_t len, cap;
+    int oom;
+} buf;
+
+static void b_reserve(buf *b, size_t more)
 {
-    return !v || cJSON_AddStringToObject(o, k, v) != NULL;
+    if (b->oom || b->len + more <= b->cap)
+        return;
+    size_t cap = b->cap ? b->cap : 64 * 1024;
+    while (cap < b->len + more)
+        cap *= 2;
+    char *np = realloc(b->p, cap);
+    if (!np) {
+        b->oom = 1;
+        return;
+    }
+    b->p = np;
+    b->cap = cap;
 }
 
-static int put_num(cJSON *o, const char *k, double v)
+static void b_add(buf *b, const char *s, size_t n)
 {
-    return cJSON_AddNumberToObject(o, k, v) != NULL;
+    b_reserve(b, n);
+    if (b->oom)
+        return;
+    memcpy(b->p + b->len, s, n);
+    b->len += n;
+}
+
+static void b_addf(buf *b, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+static void b_addf(buf *b, const char *fmt, ...)
+{
+    char tmp[256];
+    va_list ap;
+    va_start(ap, fmt);
+    int n = vsnprintf(tmp, sizeof(tmp), fmt, ap);
+    va_end(ap);
+    if (n > 0)
+        b_add(b, tmp, (size_t)n < sizeof(tmp) ? (size_t)n : sizeof(tmp) - 1);
+}
+
+/* One text field of COPY's text format: \N for NULL; backslash, tab, newline and carriage
+ * return escaped. sep: the tab before it (all but the first field). */
+static void f_str(buf *b, const char *s)
+{
+    b_add(b, "\t", 1);
+    if (!s) {
+        b_add(b, "\\N", 2);
+        return;
+    }
+    size_t n = strlen(s);
+    b_reserve(b, 2 * n);
+    if (b->oom)
+        return;
+    for (size_t i = 0; i < n; i++) {
+        const char c = s[i];
+        char *o = b->p + b->len;
+        switch (c) {
+        case '\\':
+            o[0] = '\\', o[1] = '\\', b->len += 2;
+            break;
+        case '\t':
+            o[0] = '\\', o[1] = 't', b->len += 2;
+            break;
+        case '\n':
+            o[0] = '\\', o[1] = 'n', b->len += 2;
+            break;
+        case '\r':
+            o[0] = '\\', o[1] = 'r', b->len += 2;
+            break;
+        default:
+            o[0] = c, b->len += 1;
+        }
+    }
 }
 
 /* Attributes that DICOM leaves at 0 when absent are stored as NULL. */
-static int put_pos(cJSON *o, const char *k, int v)
+static void f_pos(buf *b, int v)
 {
-    return v <= 0 || put_num(o, k, v);
+    if (v > 0)
+        b_addf(b, "\t%d", v);
+    else
+        b_add(b, "\t\\N", 3);
 }
 
-static int put_dbls(cJSON *o, const char *k, const double *v, int n, int has)
+static void f_dbls(buf *b, const double *v, int n, int has)
 {
-    if (!has)
-        return 1;
-    for (int i = 0; i < n; i++)
+    for (int i = 0; has && i < n; i++)
         if (!isfinite(v[i]))
-            return 1; /* JSON has no NaN: an unusable vector is left out */
-    cJSON *a = cJSON_CreateDoubleArray(v, n);
-    return a && cJSON_AddItemToObject(o, k, a);
+            has = 0; /* an unusable vector is left out */
+    if (!has) {
+        b_add(b, "\t\\N", 3);
+        return;
+    }
+    b_add(b, "\t{", 2);
+    for (int i = 0; i < n; i++)
+        b_addf(b, "%s%.17g", i ? "," : "", v[i]);
+    b_add(b, "}", 1);
 }
 
-static cJSON *row_json(const idx_item *it, size_t ord)
+/* Normalised strings an item needs, owned by the caller of stage_row. */
+typedef struct norm {
+    char *patient_key;
+    char *dates[8]; /* birth, study date, study time, series date, series time, pps date,
+                       pps time, (unused) */
+    char *content_date, *content_time;
+} norm;
+
+static void norm_free(norm *z)
+{
+    free(z->patient_key);
+    for (size_t i = 0; i < sizeof(z->dates) / sizeof(z->dates[0]); i++)
+        free(z->dates[i]);
+    free(z->content_date);
+    free(z->content_time);
+}
+
+/* patient_key: issuer '|' PatientID (002's convention), NULL without a PatientID. */
+static void stage_row(buf *b, const idx_item *it, size_t ord)
 {
     const lc_dicom_header *h = it->h;
-    cJSON *o = cJSON_CreateObject();
-    int ok = o != NULL;
-    ok = ok && put_num(o, "ord", (double)ord) && put_str(o, "study_uid", h->study_instance_uid) &&
-         put_str(o, "patient_id", h->patient_id) && put_str(o, "patient_name", h->patient_name) &&
-         put_str(o, "patient_birth_date", h->patient_birth_date) &&
-         put_str(o, "patient_sex", h->patient_sex) && put_str(o, "study_date", h->study_date) &&
-         put_str(o, "study_time", h->study_time) &&
-         put_str(o, "accession_number", h->accession_number) &&
-         put_str(o, "study_id", h->study_id) &&
-         put_str(o, "study_description", h->study_description) &&
-         put_str(o, "referring_physician", h->referring_physician_name);
-    ok = ok && put_str(o, "series_uid", h->series_instance_uid) &&
-         put_str(o, "modality", h->modality) && put_pos(o, "series_number", h->series_number) &&
-         put_str(o, "series_description", h->series_description) &&
-         put_str(o, "body_part_examined", h->body_part_examined);
-    ok = ok && put_str(o, "sop_uid", h->sop_instance_uid) &&
-         put_str(o, "sop_class_uid", h->sop_class_uid) &&
-         put_str(o, "transfer_syntax_uid", h->transfer_syntax_uid) &&
-         put_pos(o, "instance_number", h->instance_number) && put_pos(o, "rows", h->rows) &&
-         put_pos(o, "columns", h->columns) && put_pos(o, "number_of_frames", h->number_of_frames) &&
-         put_dbls(o, "image_position", h->ipp, 3, h->has_ipp) &&
-         put_dbls(o, "image_orientation", h->iop, 6, h->has_iop) &&
-         put_dbls(o, "pixel_spacing", h->pixel_spacing, 2, h->has_pixel_spacing) &&
-         (!h->has_slice_thickness || !isfinite(h->slice_thickness) ||
-          put_num(o, "slice_thickness", h->slice_thickness)) &&
-         put_str(o, "store_key", it->key) && put_num(o, "size_bytes", (double)it->size) &&
-         put_str(o, "sha256", it->sha256);
-    if (!ok) {
-        cJSON_Delete(o);
-        return NULL;
+    norm z = {0};
+    if (h->patient_id && *h->patient_id &&
+        asprintf(&z.patient_key, "%s|%s", h->issuer_of_patient_id ? h->issuer_of_patient_id : "",
+                 h->patient_id) < 0) {
+        z.patient_key = NULL;
+        b->oom = 1;
     }
-    return o;
+    z.dates[0] = idx_norm_date(h->patient_birth_date);
+    z.dates[1] = idx_norm_date(h->study_date);
+    z.dates[2] = idx_norm_time(h->study_time);
+    z.dates[3] = idx_norm_date(h->series_date);
+    z.dates[4] = idx_norm_time(h->series_time);
+    z.dates[5] = idx_norm_date(h->pps_start_date);
+    z.dates[6] = idx_norm_time(h->pps_start_time);
+    z.content_date = idx_norm_date(h->content_date);
+    z.content_time = idx_norm_time(h->content_time);
+
+    b_addf(b, "%zu", ord);
+    f_str(b, h->study_instance_uid);
+    f_str(b, z.patient_key);
+    f_str(b, h->patient_id && *h->patient_id ? h->patient_id : NULL);
+    f_str(b, h->issuer_of_patient_id);
+    f_str(b, h->patient_name);
+    f_str(b, z.dates[0]);
+    f_str(b, h->patient_sex);
+    f_str(b, z.dates[1]);
+    f_str(b, z.dates[2]);
+    f_str(b, h->accession_number);
+    f_str(b, h->study_id);
+    f_str(b, h->study_description);
+    f_str(b, h->referring_physician_name);
+    f_str(b, h->institution_name);
+    f_str(b, h->timezone_offset);
+    f_str(b, h->series_instance_uid);
+    f_str(b, h->modality);
+    f_pos(b, h->series_number);
+    f_str(b, h->series_description);
+    f_str(b, h->body_part_examined);
+    f_str(b, z.dates[3]);
+    f_str(b, z.dates[4]);
+    f_str(b, z.dates[5]);
+    f_str(b, z.dates[6]);
+    f_str(b, h->request_attributes);
+    f_str(b, h->sop_instance_uid);
+    f_str(b, h->sop_class_uid);
+    f_str(b, h->transfer_syntax_uid);
+    f_pos(b, h->instance_number);
+    f_pos(b, h->rows);
+    f_pos(b, h->columns);
+    f_pos(b, h->number_of_frames);
+    f_pos(b, h->bits_allocated);
+    f_str(b, z.content_date);
+    f_str(b, z.content_time);
+    f_dbls(b, h->ipp, 3, h->has_ipp);
+    f_dbls(b, h->iop, 6, h->has_iop);
+    f_dbls(b, h->pixel_spacing, 2, h->has_pixel_spacing);
+    if (h->has_slice_thickness && isfinite(h->slice_thickness))
+        b_addf(b, "\t%.17g", h->slice_thickness);
+    else
+        b_add(b, "\t\\N", 3);
+    f_str(b, it->key);
+    b_addf(b, "\t%lld", it->size);
+    f_str(b, it->sha256);
+    f_str(b, h->json ? h->json : "{}");
+    b_add(b, "\n", 1);
+    norm_free(&z);
+}
+
+/* The failure of a statement run on the raw connection, classified like lc_db_exec's. */
+static lc_rc pq_fail(lc_db *db, PGresult *r, const char *what, lc_err *err)
+{
+    PGconn *c = lc_db_conn(db);
+    const char *state = r ? PQresultErrorField(r, PG_DIAG_SQLSTATE) : NULL;
+    char msg[400];
+    snprintf(msg, sizeof(msg), "%s", r ? PQresultErrorMessage(r) : PQerrorMessage(c));
+    for (char *q = msg; *q; q++)
+        if (*q == '\n' || *q == '\t')
+            *q = ' ';
+    lc_rc rc = LC_ERR_DB;
+    if (PQstatus(c) != CONNECTION_OK || (state && strncmp(state, "08", 2) == 0))
+        rc = LC_ERR_UNAVAILABLE;
+    else if (state && (strcmp(state, "40001") == 0 || strcmp(state, "40P01") == 0))
+        rc = LC_ERR_CONFLICT;
+    return lc_err_set(err, rc, "could not %s: %s (SQLSTATE %s)", what, msg,
+                      state ? state : "none");
+}
+
+/* COPY the staging rows (b) into idx_stage. */
+static lc_rc copy_rows(lc_db *db, const buf *b, lc_err *err)
+{
+    PGconn *c = lc_db_conn(db);
+    PGresult *r = PQexec(c, copy_sql);
+    if (PQresultStatus(r) != PGRES_COPY_IN) {
+        lc_rc rc = pq_fail(db, r, "start the COPY of the batch", err);
+        PQclear(r);
+        return rc;
+    }
+    PQclear(r);
+    int ok = 1;
+    for (size_t off = 0; ok && off < b->len;) {
+        size_t n = b->len - off < (1u << 20) ? b->len - off : (1u << 20);
+        ok = PQputCopyData(c, b->p + off, (int)n) == 1;
+        off += n;
+    }
+    if (PQputCopyEnd(c, ok ? NULL : "aborted") != 1)
+        ok = 0;
+    lc_rc rc = LC_OK;
+    while ((r = PQgetResult(c)) != NULL) {
+        if (rc == LC_OK && PQresultStatus(r) != PGRES_COMMAND_OK)
+            rc = pq_fail(db, r, "COPY the batch", err);
+        PQclear(r);
+    }
+    if (rc == LC_OK && !ok)
+        rc = pq_fail(db, NULL, "COPY the batch", err);
+    return rc;
 }
 
 static int sop_cmp(const void *a, const void *b)
@@ -309,31 +520,27 @@ static int sop_cmp(const void *a, const void *b)
     return strcmp((*x)->sop_uid, (*y)->sop_uid);
 }
 
-/* Upsert studies, series and instances of the items in w (READY and claimed; SOP UIDs are
- * unique among them), set each one's result and recount the studies that changed. */
+/* Upsert patients, studies, series and instances of the items in w (READY and claimed; SOP
+ * UIDs are unique among them), set each one's result and recount the studies that changed. */
 static lc_rc write_instances(lc_db *db, idx_item **w, size_t m, lc_err *err)
 {
     lc_rc rc = LC_OK;
     PGresult *res = NULL;
-    char *rows = NULL, *touched_s = NULL;
-    cJSON *arr = cJSON_CreateArray(), *touched = cJSON_CreateArray();
-    if (!arr || !touched)
+    char *touched_s = NULL;
+    cJSON *touched = cJSON_CreateArray();
+    buf b = {0};
+    if (!touched)
         goto nomem;
-    for (size_t j = 0; j < m; j++) {
-        cJSON *o = row_json(w[j], j);
-        if (!o || !cJSON_AddItemToArray(arr, o)) {
-            cJSON_Delete(o);
-            goto nomem;
-        }
-    }
-    rows = print_free(arr);
-    arr = NULL;
-    if (!rows)
+    for (size_t j = 0; j < m; j++)
+        stage_row(&b, w[j], j);
+    if (b.oom)
         goto nomem;
-    const char *p[1] = {rows};
-    if ((rc = lc_db_exec(db, upsert_studies_sql, 1, p, NULL, err)) != LC_OK ||
-        (rc = lc_db_exec(db, upsert_series_sql, 1, p, NULL, err)) != LC_OK ||
-        (rc = lc_db_exec(db, upsert_instances_sql, 1, p, &res, err)) != LC_OK)
+    if ((rc = lc_db_exec(db, stage_sql, 0, NULL, NULL, err)) != LC_OK ||
+        (rc = copy_rows(db, &b, err)) != LC_OK ||
+        (rc = lc_db_exec(db, upsert_patients_sql, 0, NULL, NULL, err)) != LC_OK ||
+        (rc = lc_db_exec(db, upsert_studies_sql, 0, NULL, NULL, err)) != LC_OK ||
+        (rc = lc_db_exec(db, upsert_series_sql, 0, NULL, NULL, err)) != LC_OK ||
+        (rc = lc_db_exec(db, upsert_instances_sql, 0, NULL, &res, err)) != LC_OK)
         goto out;
 
     /* rows come back only for new or changed instances: the rest were duplicates */
@@ -360,17 +567,16 @@ static lc_rc write_instances(lc_db *db, idx_item **w, size_t m, lc_err *err)
     touched = NULL;
     if (!touched_s)
         goto nomem;
-    p[0] = touched_s;
+    const char *p[1] = {touched_s};
     rc = lc_db_exec(db, recount_sql, 1, p, NULL, err);
     goto out;
 nomem:
     rc = lc_err_set(err, LC_ERR_NOMEM, "out of memory building the index rows");
 out:
     PQclear(res);
-    cJSON_Delete(arr);
     cJSON_Delete(touched);
-    free(rows);
     free(touched_s);
+    free(b.p);
     return rc;
 }
 

@@ -61,7 +61,7 @@ else
 	printf '%s\n' "$out" | sed 's/^/     /'
 	finish
 fi
-want="api-gateway dicom-indexer gpu-segmenter kafka kafka-init minio minio-init postgres storage-uploader"
+want="api-gateway dicom-indexer dicom-receiver gpu-segmenter kafka kafka-init minio minio-init postgres storage-uploader"
 got=$(docker-compose -f compose.yml config --services 2>&1 | sort | tr '\n' ' ' | sed 's/ $//')
 if [ "$got" = "$want" ]; then
 	ok "config --services: $got"

@@ -522,27 +522,57 @@ static void test_poison_is_quarantined(void **state)
                                 0, NULL, &r, NULL),
                      LC_OK);
     assert_int_equal(PQntuples(r), 6);
+    /* the bytes are kept under quarantine/ (key from the message's origin, so a redelivery
+     * overwrites): the object when there is one, else the message itself; beside them a
+     * JSON document with the reason */
     struct {
         long long offset;
-        const char *key, *reason, *event_id;
+        const char *from, *reason, *event_id; /* from: the object kept, NULL: the payload */
     } want[6] = {
         {101, "incoming/junk.dcm", "not a readable DICOM file", id_junk},
-        {102, "", "invalid event: event is not valid JSON", ""},
-        {103, "", "data.size is not an integer", ""},
-        {104, "", "object outside the configured store", id_out},
-        {105, "incoming/missing.dcm", "object not found", id_missing},
+        {102, NULL, "invalid event: event is not valid JSON", ""},
+        {103, NULL, "data.size is not an integer", ""},
+        {104, NULL, "object outside the configured store", id_out},
+        {105, NULL, "object not found", id_missing},
         {106, "incoming/3.dcm", "SOPInstanceUID differs from the event", id_mismatch},
     };
     for (int i = 0; i < 6; i++) {
-        char src[128];
+        char src[128], hex[65], key[128];
         snprintf(src, sizeof(src), "kafka:" TOPIC "/0@%lld", want[i].offset);
         assert_string_equal(PQgetvalue(r, i, 0), src);
-        assert_string_equal(PQgetvalue(r, i, 1), want[i].key);
+        lc_sha256_hex(src, strlen(src), hex);
+        hex[32] = '\0';
+        snprintf(key, sizeof(key), "quarantine/%s", hex);
+        assert_string_equal(PQgetvalue(r, i, 1), key);
         if (!strstr(PQgetvalue(r, i, 2), want[i].reason))
             fail_msg("quarantine %d: reason \"%s\" lacks \"%s\"", i, PQgetvalue(r, i, 2),
                      want[i].reason);
         assert_string_equal(PQgetvalue(r, i, 3), want[i].event_id);
+        void *kept = NULL, *orig = NULL;
+        size_t klen = 0, olen = 0;
+        assert_int_equal(lc_store_get_buf(f->store, key, 1 << 24, &kept, &klen, NULL), LC_OK);
+        if (want[i].from) {
+            assert_int_equal(lc_store_get_buf(f->store, want[i].from, 1 << 24, &orig, &olen, NULL),
+                             LC_OK);
+        } else {
+            orig = strdup(f->payloads[i + 1]);
+            olen = strlen(f->payloads[i + 1]);
+        }
+        assert_int_equal(klen, olen);
+        assert_memory_equal(kept, orig, olen);
+        free(kept);
+        free(orig);
+        char side[160];
+        snprintf(side, sizeof(side), "%s.json", key);
+        assert_int_equal(lc_store_get_buf(f->store, side, 1 << 20, &kept, &klen, NULL), LC_OK);
+        cJSON *doc = cJSON_Parse(kept);
+        assert_non_null(doc);
+        assert_string_equal(cJSON_GetObjectItem(doc, "reason")->valuestring, PQgetvalue(r, i, 2));
+        assert_string_equal(cJSON_GetObjectItem(doc, "origin")->valuestring, src);
+        cJSON_Delete(doc);
+        free(kept);
     }
+    assert_true(lc_metric_value(f->x.m_parse_failures) == 1.0);
 
     /* one dead letter per quarantined message, with the original payload and the reason */
     PGresult *d = NULL;
