@@ -63,6 +63,11 @@ static int setup(void **state)
     atomic_init(&f->svc.stop, 0);
     snprintf(buf, sizeof(buf), "file://%s/archive", f->dir);
     f->cfg.archive_url = strdup(buf);
+    f->cfg.url_pattern = "{StudyInstanceUID}";
+    f->cfg.layout = "instance";
+    f->cfg.missing = "unknown";
+    f->cfg.concurrency = 4;
+    f->cfg.dest_limits = "";
     assert_int_equal(upl_init(&f->u, &f->svc, &f->cfg, &e), LC_OK);
     lc_job_worker_init(&f->w, "radpipe.", "/radpipe/test", 30, 3);
     char *sd = series_dir();
@@ -135,12 +140,27 @@ static void test_archive_byte_identical(void **state)
     }
     PQclear(r);
 
+    /* the manifest lists every object with its size and sha256 */
+    char mkey[200];
+    void *mbuf = NULL;
+    size_t mlen = 0;
+    snprintf(mkey, sizeof(mkey), "%s/manifest.json", f->study);
+    assert_int_equal(lc_store_get_buf(f->u.archive, mkey, 1 << 20, &mbuf, &mlen, &e), LC_OK);
+    cJSON *man = cJSON_Parse(mbuf);
+    free(mbuf);
+    cJSON *objs = cJSON_GetObjectItem(man, "objects");
+    assert_int_equal(cJSON_GetArraySize(objs), 4);
+    cJSON *first = cJSON_GetArrayItem(objs, 0);
+    assert_int_equal(strlen(cJSON_GetObjectItem(first, "sha256")->valuestring), 64);
+    assert_true(cJSON_GetObjectItem(first, "size")->valuedouble > 0);
+    cJSON_Delete(man);
+
     /* a re-run (a retried or duplicated job) overwrites, never adds */
     assert_int_equal(run(f, &result, &e), LC_OK);
     cJSON_Delete(result);
     int files = 0;
     assert_int_equal(lc_store_list(f->u.archive, "", count_files, &files, &e), LC_OK);
-    assert_int_equal(files, 4);
+    assert_int_equal(files, 5); /* 4 instances and the manifest */
 }
 
 static void test_cancel_leaves_nothing_partial(void **state)
