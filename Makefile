@@ -168,6 +168,12 @@ BENCH_BINS := $(patsubst tests/bench/%.c,$(BUILD)/bench/%,$(wildcard tests/bench
 $(BUILD)/bench/%: $(BUILD)/obj/tests/bench/%.o $(LIBGPU) $(LIBCOMMON)
 	@mkdir -p $(@D)
 	$(CXX) $(LDFLAGS) -o $@ $< $(LINK_LIBS)
+# bench_body times the segmenter's own pipeline: it links the service's objects
+$(BUILD)/obj/tests/bench/bench_body.o: CFLAGS += -Iservices/gpu-segmenter
+$(BUILD)/bench/bench_body: $(BUILD)/obj/tests/bench/bench_body.o $(SVC_LIBOBJ_gpu-segmenter) \
+		$(LIBGPU) $(LIBCOMMON)
+	@mkdir -p $(@D)
+	$(CXX) $(LDFLAGS) -o $@ $< $(SVC_LIBOBJ_gpu-segmenter) $(LINK_LIBS)
 
 # --- fuzz targets (clang, libFuzzer): tests/fuzz/fuzz_<name>.c, seeds in tests/fuzz/<name>/ -
 FUZZ_SRC := $(wildcard tests/fuzz/fuzz_*.c)

@@ -1,14 +1,18 @@
 /*
- * seg_job.c: one segment job: pick the series (the job's series_instance_uid, else the
- * study's largest image series), assemble its volume, run the algorithm on the gpu/ backend
- * (volume uploaded once, only the mask comes back) and store the results under
- * results/<job id>/ with their artifact rows. Runs on the worker thread.
+ * seg_job.c: one segment job: validate the parameters, pick the series (the job's
+ * series_instance_uid, else the study's largest image series), assemble its volume, run the
+ * algorithm on the process's gpu_ctx (each 3-D volume uploaded once, only its mask comes
+ * back), then store mask.nii.gz, segmentation.dcm and preview.png under results/<job id>/
+ * with their artifact rows, and optionally STOW-RS the SEG. Progress is published in steps;
+ * cancellation and shutdown are checked between steps. Runs on the worker thread.
  */
+#include <errno.h>
 #include <math.h>
 #include <stddef.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 #include "lc/log.h"
 #include "lc/util.h"
 #include "seg.h"
@@ -18,28 +22,47 @@ const lc_cfg_var seg_cfg_vars[] = {
     {"RADPIPE_GPU_BACKEND", LC_CFG_ENUM, "auto", 0, -1, 0, "auto|cpu|cuda",
      "segmentation backend: auto uses CUDA when a device answers, else the CPU", OFF(gpu_backend)},
     {"RADPIPE_GPU_DEVICE", LC_CFG_INT, "0", 0, 63, 0, NULL, "CUDA device index", OFF(gpu_device)},
+    {"RADPIPE_GPU_MEMORY_LIMIT", LC_CFG_BYTES, "0", 0, 1e15, 0, NULL,
+     "most GPU (or CPU backend) memory the segmenter's volumes and kernels may hold at once "
+     "(K/M/G suffixes), 0 = no limit; a job that needs more fails",
+     OFF(gpu_memory_limit)},
     {"RADPIPE_SEG_THREADS", LC_CFG_INT, "0", 0, 1024, 0, NULL,
      "threads of the CPU backend, 0 = one per online CPU", OFF(cpu_threads)},
+    {"RADPIPE_SEG_MAX_VOXELS", LC_CFG_INT, "1073741824", 1, 68719476736.0, 0, NULL,
+     "largest series (voxels, all time points) a job assembles; larger ones fail",
+     OFF(max_voxels)},
+    {"RADPIPE_SEG_STOW_URL", LC_CFG_STR, "", 0, -1, 0, NULL,
+     "DICOMweb STOW-RS endpoint (e.g. http://pacs/dicom-web/studies) the DICOM SEG is sent to; "
+     "empty = none",
+     OFF(stow_url)},
+    {"RADPIPE_SEG_STOW_TOKEN", LC_CFG_STR, "", 0, -1, LC_CFG_SECRET, NULL,
+     "bearer token for RADPIPE_SEG_STOW_URL, empty = none", OFF(stow_token)},
 };
 const size_t seg_cfg_nvars = sizeof(seg_cfg_vars) / sizeof(seg_cfg_vars[0]);
 
 lc_rc seg_init(seg_ctx *c, lc_service *svc, const seg_cfg *cfg, lc_err *err)
 {
-    gpu_backend want;
+    gpu_ctx_opts o = {0};
     memset(c, 0, sizeof(*c));
     c->svc = svc;
     c->cfg = cfg;
-    lc_rc rc = gpu_backend_parse(cfg->gpu_backend, &want);
-    if (rc != LC_OK) /* the config enum already restricts the value */
+    if (gpu_backend_parse(cfg->gpu_backend, &o.backend) != LC_OK)
         return lc_err_set(err, LC_ERR_CONFIG, "invalid RADPIPE_GPU_BACKEND \"%s\"",
                           cfg->gpu_backend);
-    rc = gpu_ctx_new(want, (int)cfg->gpu_device, (int)cfg->cpu_threads, &c->gpu, err);
+    o.device = (int)cfg->gpu_device;
+    o.cpu_threads = (int)cfg->cpu_threads;
+    o.memory_limit = (size_t)cfg->gpu_memory_limit;
+    o.warm_up = 1; /* kernels loaded and run once now, so the first job is as fast as the rest */
+    int64_t t0 = lc_now_ms();
+    lc_rc rc = gpu_ctx_open(&o, &c->gpu, err);
     if (rc != LC_OK)
         return rc;
     c->seconds =
         lc_metrics_histogram(svc->metrics, "radpipe_segment_seconds",
                              "segmentation time per job, by stage", "stage=\"total\"", NULL, 0);
-    lc_log_info("segmentation backend ready", LC_LS("backend", gpu_ctx_describe(c->gpu)));
+    lc_log_info("segmentation backend ready", LC_LS("backend", gpu_ctx_describe(c->gpu)),
+                LC_LI("memory_limit", (long long)o.memory_limit),
+                LC_LI("warm_up_ms", lc_now_ms() - t0));
     return LC_OK;
 }
 
@@ -49,67 +72,24 @@ void seg_release(seg_ctx *c)
     c->gpu = NULL;
 }
 
-typedef struct seg_params {
-    const char *algorithm;
-    const char *series_uid; /* NULL: choose */
-    int nbins;
-} seg_params;
-
-/* Validate the job's params: unknown keys and wrong types are permanent errors. */
-static lc_rc parse_params(const cJSON *params, seg_params *p, lc_err *err)
-{
-    p->algorithm = "otsu";
-    p->series_uid = NULL;
-    p->nbins = 256;
-    for (const cJSON *it = params ? params->child : NULL; it; it = it->next) {
-        if (strcmp(it->string, "algorithm") == 0) {
-            if (!cJSON_IsString(it) || strcmp(it->valuestring, "otsu") != 0)
-                return lc_err_set(err, LC_ERR_INVALID,
-                                  "params.algorithm must be \"otsu\" (the only algorithm so far)");
-            p->algorithm = it->valuestring;
-        } else if (strcmp(it->string, "series_instance_uid") == 0) {
-            if (!cJSON_IsString(it) || !it->valuestring[0])
-                return lc_err_set(err, LC_ERR_INVALID,
-                                  "params.series_instance_uid must be a UID string");
-            p->series_uid = it->valuestring;
-        } else if (strcmp(it->string, "nbins") == 0) {
-            if (!cJSON_IsNumber(it) || it->valuedouble != (int)it->valuedouble ||
-                it->valueint < 2 || it->valueint > 4096)
-                return lc_err_set(err, LC_ERR_INVALID,
-                                  "params.nbins must be an integer in [2, 4096]");
-            p->nbins = it->valueint;
-        } else {
-            return lc_err_set(err, LC_ERR_INVALID, "unknown parameter \"%.64s\"", it->string);
-        }
-    }
-    return LC_OK;
-}
-
 /* The study's series with the most image instances (ties: the smallest UID). */
-static lc_rc choose_series(lc_db *db, const char *study_uid, char **out, lc_err *err)
+static lc_rc choose_series(lc_db *db, const char *study_uid, char *out, size_t cap, lc_err *err)
 {
     PGresult *res = NULL;
     const char *p[1] = {study_uid};
     lc_rc rc = lc_db_exec(db,
                           "SELECT series_uid FROM instances WHERE study_uid = $1 AND rows > 0 "
+                          "AND sop_class_uid NOT LIKE '1.2.840.10008.5.1.4.1.1.66%' "
                           "GROUP BY series_uid ORDER BY count(*) DESC, series_uid LIMIT 1",
                           1, p, &res, err);
     if (rc != LC_OK)
         return rc;
     if (PQntuples(res) == 0)
         rc = lc_err_set(err, LC_ERR_UNSUPPORTED, "study has no image series to segment");
-    else if (!(*out = strdup(PQgetvalue(res, 0, 0))))
-        rc = lc_err_set(err, LC_ERR_NOMEM, "out of memory");
+    else
+        snprintf(out, cap, "%s", PQgetvalue(res, 0, 0));
     PQclear(res);
     return rc;
-}
-
-static cJSON *affine_json(const double a[4][4])
-{
-    cJSON *rows = cJSON_CreateArray();
-    for (int i = 0; i < 4; i++)
-        cJSON_AddItemToArray(rows, cJSON_CreateDoubleArray(a[i], 4));
-    return rows;
 }
 
 /* Store one artifact and record it. */
@@ -124,94 +104,158 @@ static lc_rc put_artifact(seg_ctx *c, lc_worker_job *j, const char *name, const 
     return rc;
 }
 
+/* The NIfTI through a temporary file (zlib's gzip writer wants one), then into the store. */
+static lc_rc put_nifti(seg_ctx *c, lc_worker_job *j, const seg_volume *v, const uint8_t *mask,
+                       const seg_params *p, lc_err *err)
+{
+    const char *base = getenv("TMPDIR");
+    char dir[256], path[300], key[256], desc[80];
+    snprintf(dir, sizeof(dir), "%s/radpipe-nii.XXXXXX", base && *base ? base : "/tmp");
+    if (!mkdtemp(dir))
+        return lc_err_set(err, LC_ERR_IO, "could not create a temporary directory: %s",
+                          strerror(errno));
+    snprintf(path, sizeof(path), "%s/mask.nii.gz", dir);
+    snprintf(desc, sizeof(desc), "radpipe %s mask", seg_algorithm_name(p->algorithm));
+    snprintf(key, sizeof(key), "results/%s/mask.nii.gz", j->job->id);
+    long long size = 0;
+    char hex[65];
+    lc_rc rc = seg_nifti_write(v, mask, desc, path, err);
+    if (rc == LC_OK)
+        rc = lc_sha256_file_hex(path, hex, &size, err);
+    if (rc == LC_OK)
+        rc = lc_store_put_file(c->svc->store, key, path, LC_STORE_MOVE, err);
+    if (rc == LC_OK)
+        rc = lc_job_add_artifact(j->db, j->job->id, "mask.nii.gz", key, size, "application/gzip",
+                                 err);
+    unlink(path);
+    rmdir(dir);
+    return rc;
+}
+
+static lc_rc stopped(const seg_progress *pr, const char *where, lc_err *err)
+{
+    if (seg_progress_should_stop(pr))
+        return lc_err_set(err, LC_ERR_CANCELLED, "cancelled %s", where);
+    return LC_OK;
+}
+
+static cJSON *result_json(const seg_ctx *c, const seg_volume *v, const seg_params *p,
+                          const seg_algo_stats *st, const double *thresholds, uint64_t voxels,
+                          const char *seg_uid, int stowed)
+{
+    cJSON *r = cJSON_CreateObject();
+    double dims[4] = {(double)v->nx, (double)v->ny, (double)v->nz, (double)v->nt};
+    cJSON_AddStringToObject(r, "series_instance_uid", v->series_uid);
+    cJSON_AddStringToObject(r, "algorithm", seg_algorithm_name(p->algorithm));
+    cJSON_AddItemToObject(r, "dims", cJSON_CreateDoubleArray(dims, v->nt > 1 ? 4 : 3));
+    cJSON_AddItemToObject(r, "spacing_mm", cJSON_CreateDoubleArray(v->spacing, 3));
+    cJSON_AddBoolToObject(r, "spacing_uniform", v->spacing_uniform);
+    if (!v->spacing_uniform) {
+        double gaps[2] = {v->gap_min, v->gap_max};
+        cJSON_AddItemToObject(r, "slice_gaps_mm", cJSON_CreateDoubleArray(gaps, 2));
+    }
+    if (v->gantry_tilt != 0)
+        cJSON_AddNumberToObject(r, "gantry_tilt_degrees", v->gantry_tilt);
+    cJSON_AddNumberToObject(r, "threshold", st->threshold);
+    if (v->nt > 1) /* each time point of a 4-D series is segmented on its own */
+        cJSON_AddItemToObject(r, "thresholds", cJSON_CreateDoubleArray(thresholds, (int)v->nt));
+    cJSON_AddNumberToObject(r, "voxels_in_mask", (double)voxels);
+    cJSON_AddNumberToObject(r, "volume_ml",
+                            (double)voxels * v->spacing[0] * v->spacing[1] * v->spacing[2] /
+                                1000.0 / (double)v->nt);
+    if (p->algorithm != SEG_ALGO_OTSU)
+        cJSON_AddNumberToObject(r, "components_kept", (double)st->components);
+    cJSON_AddStringToObject(r, "segmentation_sop_instance_uid", seg_uid);
+    cJSON_AddBoolToObject(r, "stowed", stowed);
+    cJSON_AddStringToObject(r, "backend", gpu_ctx_describe(c->gpu));
+    return r;
+}
+
 lc_rc seg_job(void *ctx, lc_worker_job *j, cJSON **result, lc_err *err)
 {
     seg_ctx *c = ctx;
     seg_params p;
     seg_volume *v = NULL;
-    gpu_vol *gin = NULL, *gmask = NULL;
-    unsigned char *mask = NULL;
-    char *series = NULL, *meta_txt = NULL;
-    cJSON *meta = NULL;
-    float thr = 0;
+    uint8_t *mask = NULL;
+    double *thresholds = NULL;
+    void *dcm = NULL, *png = NULL;
+    size_t dcm_len = 0, png_len = 0;
+    char series[65], seg_uid[65] = "";
+    seg_algo_stats st = {0};
+    uint64_t voxels = 0;
     int64_t t0 = lc_now_ms();
+    seg_progress pr = {.j = j, .total = 5}; /* + 2 per object, added by the loader */
     lc_rc rc;
 
-    if ((rc = parse_params(j->job->params, &p, err)) != LC_OK)
+    if ((rc = seg_params_parse(j->job->params, &p, err)) != LC_OK)
         return rc;
-    if (p.series_uid)
-        series = strdup(p.series_uid);
-    else if ((rc = choose_series(j->db, j->job->study_uid, &series, err)) != LC_OK)
+    const char *stow_url = c->cfg->stow_url ? c->cfg->stow_url : "";
+    int stow = p.stow == 1 || (p.stow == -1 && stow_url[0]);
+    if (stow && !stow_url[0])
+        return lc_err_set(err, LC_ERR_INVALID,
+                          "params.stow is true but RADPIPE_SEG_STOW_URL is not set");
+    if (p.series_uid[0])
+        snprintf(series, sizeof(series), "%s", p.series_uid);
+    else if ((rc = choose_series(j->db, j->job->study_uid, series, sizeof(series), err)) != LC_OK)
         return rc;
-    if (!series)
-        return lc_err_set(err, LC_ERR_NOMEM, "out of memory");
 
-    if ((rc = seg_volume_load(j->db, c->svc->store, series, j, &v, err)) != LC_OK)
+    if ((rc = seg_volume_load(j->db, c->svc->store, series, (size_t)c->cfg->max_voxels, &pr, &v,
+                              err)) != LC_OK)
         goto out;
-    lc_worker_job_progress(j, 1, 3, "stages");
     size_t n = v->nx * v->ny * v->nz;
-
-    /* the volume crosses to the device once; only the histogram and the mask come back */
-    if ((rc = gpu_vol_upload(c->gpu, GPU_F32, v->data, v->nx, v->ny, v->nz, &gin, err)) != LC_OK ||
-        (rc = gpu_otsu_threshold(c->gpu, gin, p.nbins, &thr, err)) != LC_OK ||
-        (rc = gpu_vol_new(c->gpu, GPU_U8, v->nx, v->ny, v->nz, &gmask, err)) != LC_OK ||
-        /* foreground is strictly above the threshold, as scikit-image's `image > t` */
-        (rc = gpu_threshold(c->gpu, gin, nextafterf(thr, INFINITY), INFINITY, gmask, err)) != LC_OK)
-        goto out;
-    if (!(mask = malloc(n))) {
-        rc = lc_err_set(err, LC_ERR_NOMEM, "out of memory");
+    mask = malloc(n * v->nt);
+    thresholds = calloc(v->nt, sizeof(double));
+    if (!mask || !thresholds) {
+        rc = lc_err_set(err, LC_ERR_NOMEM, "out of memory for the mask");
         goto out;
     }
-    if ((rc = gpu_vol_download(c->gpu, gmask, mask, err)) != LC_OK)
-        goto out;
-    lc_worker_job_progress(j, 2, 3, "stages");
-    size_t fg = 0;
-    for (size_t i = 0; i < n; i++)
-        fg += mask[i];
-
-    /* outputs: the raw mask and a JSON header describing it */
-    meta = cJSON_CreateObject();
-    size_t dims[3] = {v->nx, v->ny, v->nz};
-    cJSON *jd = cJSON_AddArrayToObject(meta, "dims");
-    for (int k = 0; k < 3; k++)
-        cJSON_AddItemToArray(jd, cJSON_CreateNumber((double)dims[k]));
-    cJSON_AddStringToObject(meta, "dtype", "uint8");
-    cJSON_AddStringToObject(meta, "order", "x fastest (columns), then rows, then slices");
-    cJSON_AddItemToObject(meta, "spacing", cJSON_CreateDoubleArray(v->spacing, 3));
-    cJSON_AddItemToObject(meta, "affine_lps", affine_json(v->affine));
-    cJSON_AddBoolToObject(meta, "spacing_uniform", v->spacing_uniform);
-    cJSON_AddStringToObject(meta, "algorithm", p.algorithm);
-    cJSON_AddNumberToObject(meta, "threshold", thr);
-    cJSON_AddNumberToObject(meta, "voxels_in_mask", (double)fg);
-    cJSON_AddStringToObject(meta, "study_instance_uid", j->job->study_uid);
-    cJSON_AddStringToObject(meta, "series_instance_uid", series);
-    cJSON_AddItemToObject(meta, "slice_sop_instance_uids",
-                          cJSON_CreateStringArray((const char *const *)v->sop_uids, (int)v->nsop));
-    cJSON_AddStringToObject(meta, "backend", gpu_ctx_describe(c->gpu));
-    if (!(meta_txt = cJSON_Print(meta))) {
-        rc = lc_err_set(err, LC_ERR_NOMEM, "out of memory");
-        goto out;
+    for (size_t t = 0; t < v->nt; t++) {
+        seg_algo_stats s;
+        if ((rc = stopped(&pr, "before segmenting", err)) != LC_OK ||
+            (rc = seg_algo_run(c->gpu, &p, v->data + t * n, v->nx, v->ny, v->nz, v->spacing,
+                               mask + t * n, &s, err)) != LC_OK)
+            goto out;
+        if (t == 0)
+            st = s;
+        thresholds[t] = s.threshold;
+        voxels += s.voxels;
     }
-    if ((rc = put_artifact(c, j, "mask.raw", mask, n, "application/octet-stream", err)) != LC_OK ||
-        (rc = put_artifact(c, j, "mask.json", meta_txt, strlen(meta_txt), "application/json",
-                           err)) != LC_OK)
-        goto out;
-    lc_worker_job_progress(j, 3, 3, "stages");
+    seg_progress_step(&pr, 1, 1);
 
-    *result = cJSON_CreateObject();
-    cJSON_AddStringToObject(*result, "series_instance_uid", series);
-    cJSON_AddItemToObject(*result, "dims", cJSON_Duplicate(jd, 1));
-    cJSON_AddNumberToObject(*result, "threshold", thr);
-    cJSON_AddNumberToObject(*result, "voxels_in_mask", (double)fg);
-    cJSON_AddStringToObject(*result, "backend", gpu_ctx_describe(c->gpu));
-    lc_histogram_observe(c->seconds, (double)(lc_now_ms() - t0) / 1000.0);
+    if ((rc = stopped(&pr, "before writing the outputs", err)) != LC_OK ||
+        (rc = put_nifti(c, j, v, mask, &p, err)) != LC_OK)
+        goto out;
+    seg_progress_step(&pr, 1, 1);
+    if ((rc = seg_dcmseg_build(v, mask, &p, &dcm, &dcm_len, seg_uid, err)) != LC_OK ||
+        (rc = put_artifact(c, j, "segmentation.dcm", dcm, dcm_len, "application/dicom", err)) !=
+            LC_OK)
+        goto out;
+    seg_progress_step(&pr, 1, 1);
+    if ((rc = seg_png_montage(v, mask, &png, &png_len, err)) != LC_OK ||
+        (rc = put_artifact(c, j, "preview.png", png, png_len, "image/png", err)) != LC_OK)
+        goto out;
+    seg_progress_step(&pr, 1, 1);
+    if (stow) {
+        if ((rc = stopped(&pr, "before sending the segmentation", err)) != LC_OK ||
+            (rc = seg_stow(stow_url, c->cfg->stow_token, dcm, dcm_len, err)) != LC_OK)
+            goto out;
+        lc_log_info("segmentation sent", LC_LS("job_id", j->job->id), LC_LS("url", stow_url));
+    }
+    seg_progress_step(&pr, 1, 1);
+
+    *result = result_json(c, v, &p, &st, thresholds, voxels, seg_uid, stow);
+    double secs = (double)(lc_now_ms() - t0) / 1000.0;
+    cJSON_AddNumberToObject(*result, "seconds", secs);
+    lc_histogram_observe(c->seconds, secs);
+    if (!v->spacing_uniform)
+        lc_log_warn("series has variable slice spacing: the NIfTI affine uses the first gap",
+                    LC_LS("job_id", j->job->id), LC_LS("series", series),
+                    LC_LD("gap_min_mm", v->gap_min), LC_LD("gap_max_mm", v->gap_max));
 out:
-    cJSON_Delete(meta);
-    free(meta_txt);
+    free(png);
+    free(dcm);
+    free(thresholds);
     free(mask);
-    gpu_vol_free(gmask);
-    gpu_vol_free(gin);
     seg_volume_free(v);
-    free(series);
     return rc;
 }
