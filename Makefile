@@ -132,6 +132,18 @@ endef
 $(foreach s,$(SERVICES),$(eval $(call service_rule,$(s))))
 SERVICE_BINS := $(SERVICES:%=$(BUILD)/bin/%)
 
+# --- TLS shims for the gateway (services/api-gateway/gw_tls.c explains): libssl.so and
+# libcrypto.so under lib/radpipe/ beside bin/, built without sanitizers ------------------
+TLS_SHIMS := $(BUILD)/lib/radpipe/libssl.so $(BUILD)/lib/radpipe/libcrypto.so
+$(BUILD)/lib/radpipe/libssl.so: services/api-gateway/tls/tls_shim.c
+	@mkdir -p $(@D)
+	$(CC) -shared -fPIC -O2 -Wall -Wextra -Werror -DSHIM_SSL -o $@ $< -Wl,-soname,libssl.so \
+		-Wl,--no-as-needed -lssl -lcrypto
+$(BUILD)/lib/radpipe/libcrypto.so: services/api-gateway/tls/tls_shim.c
+	@mkdir -p $(@D)
+	$(CC) -shared -fPIC -O2 -Wall -Wextra -Werror -o $@ $< -Wl,-soname,libcrypto.so \
+		-Wl,--no-as-needed -lcrypto
+
 # --- dev tools: the stack runner, the Kafka-protocol dev broker, radpipe-notify ----------
 TOOLS := radpipe-stack radpipe-devbroker
 define tool_rule
@@ -186,7 +198,7 @@ build/fuzz/fuzz/%: tests/fuzz/%.c build/fuzz/lib/libcommon.a
 	$(CXX) $(LDFLAGS) -fsanitize=fuzzer -o $@ $@.o build/fuzz/lib/libcommon.a $(LIBS)
 
 .PHONY: all deps deps-bench tests test run bench fuzz fuzz-bins lint format clean
-all: $(LIBCOMMON) $(LIBGPU) $(SERVICE_BINS) $(TOOL_BINS)
+all: $(LIBCOMMON) $(LIBGPU) $(SERVICE_BINS) $(TOOL_BINS) $(TLS_SHIMS)
 tests: all $(TEST_BINS)
 
 deps:

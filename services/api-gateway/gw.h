@@ -15,6 +15,8 @@
 #include "lc/admin.h"
 #include "lc/cfg.h"
 #include "lc/db.h"
+#include "lc/dicom.h"
+#include "lc/kafka.h"
 #include "lc/metrics.h"
 #include "lc/rc.h"
 #include "lc/store.h"
@@ -35,6 +37,11 @@ typedef struct gw_config {
     char *admin_token_file; /* "" = no bootstrap token */
     long long db_pool_size;
     char *cors_origins; /* "" = no CORS, "*" or "https://a,https://b" */
+    char *tls_cert_file;  /* "" = plain HTTP; else PEM with the certificate chain and key */
+    char *public_url;     /* "" = from the request's Host header; base of RetrieveURL etc. */
+    long long upload_max_files;      /* instances in one STOW-RS request or zip upload */
+    long long zip_max_expanded;      /* bytes a zip upload may expand to */
+    long long events_max_clients;    /* concurrent GET /api/v1/events streams */
 } gw_config;
 
 extern const lc_cfg_var gw_cfg_vars[];
@@ -49,6 +56,7 @@ typedef struct gw_deps {
     lc_metrics *metrics;      /* borrowed */
     struct lc_service *svc;   /* may be NULL; when set, /readyz also checks the broker */
     const atomic_int *stop;   /* may be NULL; cuts start-up waits short */
+    const lc_kafka_conf *kafka; /* may be NULL: GET /api/v1/events then answers 503 */
 } gw_deps;
 
 /* --- scopes: admin implies write implies read ------------------------------------------- */
@@ -81,7 +89,7 @@ extern const size_t gw_admin_npaths;
 typedef struct gw_param {
     const char *name; /* points into the pattern, not NUL-terminated at '}' */
     size_t name_len;
-    char value[256]; /* NUL-terminated copy; longer segments do not match */
+    char value[2048]; /* NUL-terminated copy; longer segments do not match */
 } gw_param;
 int gw_route_match(const char *pattern, const char *path, gw_param *params, int *nparams);
 
@@ -100,6 +108,8 @@ typedef struct gw_route_metrics {
     gw_code_slot codes[GW_CODE_SLOTS];
 } gw_route_metrics;
 
+typedef struct gw_events gw_events; /* gw_events.c: the job.status fan-out */
+
 typedef struct gw {
     const gw_config *cfg; /* borrowed */
     gw_deps deps;
@@ -113,6 +123,10 @@ typedef struct gw {
     gw_route_metrics *rm; /* nroutes + admin paths + 1 ("unmatched") */
     lc_gauge *in_flight;
     lc_counter *bytes_in, *bytes_out;
+    lc_counter *stow_stored, *stow_failed; /* instances per STOW-RS outcome */
+    lc_gauge *sse_clients;
+    gw_events *events;   /* NULL without Kafka */
+    int tls;             /* the listener speaks HTTPS */
     int lib_inited;      /* mg_init_library was called */
     atomic_int draining; /* new API requests get 503 */
     atomic_int active;   /* API requests inside the router right now */
@@ -152,6 +166,8 @@ typedef struct gw_req {
     lc_db *db;     /* borrowed from the pool by gw_db, returned by gw_db_put / the router */
     int sent;      /* a response was started */
     int body_done; /* the request body was read to its end */
+    int chunked;   /* the response body goes out in chunks (gw_send_head with length -1) */
+    int gone;      /* a write failed: the client went away */
     /* set by gw_auth_require */
     char token_id[37];
     char token_name[64];
@@ -185,6 +201,39 @@ int gw_send_problem(gw_req *r, int status, const gw_header *extra, const char *f
     __attribute__((format(printf, 4, 5)));
 /* 503 problem with Retry-After, logging err's message at warn (the client sees a summary). */
 int gw_send_unavailable(gw_req *r, const char *what, const lc_err *err);
+
+/* A streamed response: send the head now (length -1: Transfer-Encoding: chunked), then the
+ * body with gw_write and, for chunked bodies, gw_end. Same headers as gw_send. */
+int gw_send_head(gw_req *r, int status, const char *content_type, long long length,
+                 const gw_header *extra);
+/* Write body bytes (one chunk when chunked), counted in the byte metrics. 0, or -1 once the
+ * client is gone (r->gone; later writes do nothing). */
+int gw_write(gw_req *r, const void *buf, size_t len);
+/* The last chunk of a chunked body. */
+void gw_end(gw_req *r);
+/* Give up on a response already under way (a read from the store failed): no more writes,
+ * and the connection closes so the client sees a truncated body rather than a short one. */
+void gw_abort(gw_req *r);
+
+/* The request body in pieces: fn gets every piece as it arrives (at most max bytes in all;
+ * a declared Content-Length above max fails before reading, LC_ERR_TOO_LARGE). Sends
+ * "100 Continue" when the client expects it. LC_ERR_INVALID when the client sent less than
+ * it announced or went away; an error from fn stops the read and is returned. *total (may be
+ * NULL) gets the bytes read. */
+typedef lc_rc (*gw_body_fn)(void *ctx, const char *buf, size_t len, lc_err *err);
+lc_rc gw_body_read(gw_req *r, long long max, gw_body_fn fn, void *ctx, long long *total,
+                   lc_err *err);
+
+/* The public base URL ("https://host:port", no trailing slash): RADPIPE_PUBLIC_URL, else the
+ * scheme and the request's Host header when it is a plain host[:port], else "". */
+void gw_base_url(const gw_req *r, char *buf, size_t cap);
+
+/* Content negotiation: the Accept entry (highest q first; no Accept header accepts anything)
+ * whose media range matches one of medias (NULL-terminated, exact types; wildcards in the
+ * Accept entry match). Returns the index into medias, -1 when none is acceptable; *type and
+ * *ts (may be NULL, 128 bytes) get the entry's type and transfer-syntax parameters ("" when
+ * absent). */
+int gw_accept_pick(const gw_req *r, const char *const *medias, char *type, char *ts);
 
 /* A request body spooled to a temporary file in the spool directory. */
 typedef struct gw_body {
@@ -242,11 +291,82 @@ lc_rc gw_auth_bootstrap(gw *g, lc_err *err);
 /* SHA-256 hex of a token, as stored in api_tokens.token_sha256. */
 void gw_token_hash(const char *token, char out[65]);
 
+/* --- gw_ingest.c: spooled DICOM files into the store and the outbox -------------------- */
+
+/* One received file on its way in. */
+typedef struct gw_ingest_item {
+    char path[4096]; /* spool file; "" once moved or removed */
+    long long size;
+    char sha256[65];
+    char name[256];      /* where it came from, for answers ("part 3", a zip entry name) */
+    lc_dicom_header *h;  /* set by gw_ingest_check on success */
+    int failure;         /* PS3.18 Failure Reason when refused (0: accepted) */
+    char error[300];     /* why, when refused */
+    char key[512];       /* object key once stored */
+} gw_ingest_item;
+
+/* Parse the header and check the UIDs (and, when study_uid is given, that the instance
+ * belongs to it). On refusal sets item->failure and item->error and returns LC_ERR_DICOM (or
+ * LC_ERR_CONFLICT for a study mismatch); another rc means the check itself failed. */
+lc_rc gw_ingest_check(gw_req *r, gw_ingest_item *item, const char *study_uid, lc_err *err);
+/* Move every accepted item (failure == 0) into the store and write their instance.stored
+ * events to the outbox in one transaction (source kind, named by the token). LC_OK or the
+ * failing dependency's rc; items already moved stay in the store (a retry replaces them). */
+lc_rc gw_ingest_commit(gw_req *r, gw_ingest_item *items, size_t n, const char *source_kind,
+                       lc_err *err);
+/* Remove spool files and free headers. */
+void gw_ingest_release(gw_ingest_item *items, size_t n);
+/* The spool file of a new item (mkostemp); returns the fd or -1 (err filled). */
+int gw_ingest_spool_open(gw_req *r, gw_ingest_item *item, lc_err *err);
+
+/* 1 when the Content-Type's media type (parameters ignored) is type, case-insensitively. */
+int gw_media_type_is(const char *ct, const char *type);
+
 /* --- handlers -------------------------------------------------------------------------- */
 
 int gw_instances_post(gw_req *r);
 int gw_studies_list(gw_req *r);
 int gw_studies_get(gw_req *r);
+int gw_studies_complete(gw_req *r);
 int gw_jobs_get(gw_req *r);
+int gw_jobs_list(gw_req *r);
+int gw_jobs_create(gw_req *r);
+int gw_jobs_retry(gw_req *r);
+int gw_jobs_cancel(gw_req *r);
+int gw_jobs_artifact(gw_req *r);
+int gw_events_stream(gw_req *r);
+/* DICOMweb (PS3.18) under /dicomweb */
+int gw_stow(gw_req *r);
+int gw_qido_studies(gw_req *r);
+int gw_qido_series(gw_req *r);
+int gw_qido_instances(gw_req *r);
+int gw_wado_retrieve(gw_req *r);
+int gw_wado_metadata(gw_req *r);
+int gw_wado_frames(gw_req *r);
+int gw_wado_bulk(gw_req *r);
+/* application/zip bodies of POST /api/v1/instances (gw_zip.c) */
+int gw_zip_post(gw_req *r);
+
+/* --- gw_events.c: job.status to Server-Sent Events ------------------------------------- */
+
+/* Start the consumer thread (a Kafka consumer at the end of job.status that commits
+ * nothing, so every gateway sees every event). */
+lc_rc gw_events_start(gw *g, lc_err *err);
+/* Wake the streams (they end while draining) and stop the thread. Accepts NULL. */
+void gw_events_stop(gw_events *ev);
+/* 1 once the consumer has its partitions (for tests). */
+int gw_events_ready(const gw_events *ev);
+
+/* --- gw_tls.c -------------------------------------------------------------------------- */
+
+/* Make TLS usable by civetweb (see gw_tls.c) and return the listening_ports value with the
+ * ports marked for TLS ("127.0.0.1:8443s") in buf. */
+lc_rc gw_tls_prepare(const gw_config *cfg, char *ports, size_t cap, lc_err *err);
+
+/* --- gw_token.c: `api-gateway token create|list|revoke` --------------------------------- */
+
+/* Handle argv when argv[1] is "token": returns the exit code; -1 when argv is not a token
+ * command. */
+int gw_token_main(int argc, char **argv);
 
 #endif

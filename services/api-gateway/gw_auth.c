@@ -19,7 +19,7 @@
 /* The token's level in one statement; last_used_at is refreshed at most once a minute so a
  * busy client does not turn every read into a row update. */
 static const char lookup_sql[] =
-    "WITH t AS (SELECT id, name, scopes FROM api_tokens"
+    "WITH t AS (SELECT id, name, scopes, token_sha256 FROM api_tokens"
     "           WHERE token_sha256 = decode($1, 'hex') AND revoked_at IS NULL"
     "             AND (expires_at IS NULL OR expires_at > now())),"
     "     u AS (UPDATE api_tokens SET last_used_at = now()"
@@ -27,7 +27,8 @@ static const char lookup_sql[] =
     "             AND (last_used_at IS NULL OR last_used_at < now() - interval '1 minute'))"
     " SELECT id::text, name,"
     "        CASE WHEN 'admin' = ANY (scopes) THEN 3 WHEN 'write' = ANY (scopes) THEN 2"
-    "             WHEN 'read' = ANY (scopes) THEN 1 ELSE 0 END"
+    "             WHEN 'read' = ANY (scopes) THEN 1 ELSE 0 END,"
+    "        encode(token_sha256, 'hex')"
     " FROM t";
 
 void gw_token_hash(const char *token, char out[65])
@@ -82,7 +83,10 @@ int gw_auth_require(gw_req *r, gw_scope need)
     const char *params[1] = {hash};
     if (gw_db(r, &db, &err) != LC_OK || lc_db_exec(db, lookup_sql, 1, params, &res, &err) != LC_OK)
         return gw_send_unavailable(r, "the token database", &err);
-    if (PQntuples(res) != 1) {
+    /* the lookup is by hash, so timing tells nothing about the token; the comparison in
+     * constant time keeps it that way should the lookup ever change */
+    if (PQntuples(res) != 1 || strlen(PQgetvalue(res, 0, 3)) != 64 ||
+        !lc_ct_equal(PQgetvalue(res, 0, 3), hash, 64)) {
         status = unauthorized(r, 1, "the bearer token is unknown, revoked or expired");
         goto out;
     }

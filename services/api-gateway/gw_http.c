@@ -16,6 +16,7 @@
 #include <civetweb.h>
 #include <libpq-fe.h>
 #include "gw.h"
+#include "gw_multipart.h"
 #include "lc/log.h"
 #include "lc/util.h"
 
@@ -137,8 +138,8 @@ static int client_closes(const gw_req *r)
  * civetweb 1.15 refuses those once anything was written, and an upload handler has to write
  * "100 Continue" before it reads the body, or every client that sends Expect (curl does above
  * 1 MiB) waits a second per request. */
-int gw_send(gw_req *r, int status, const char *content_type, const void *body, size_t len,
-            const gw_header *extra)
+int gw_send_head(gw_req *r, int status, const char *content_type, long long length,
+                 const gw_header *extra)
 {
     struct mg_connection *c = r->conn;
     const char *origin = gw_header_get(r, "Origin");
@@ -166,12 +167,19 @@ int gw_send(gw_req *r, int status, const char *content_type, const void *body, s
              status, gw_status_text(status), date);
     if (content_type)
         head_add(head, sizeof(head), &n, "Content-Type: %s\r\n", content_type);
-    if (status != 204 && status != 304)
-        head_add(head, sizeof(head), &n, "Content-Length: %zu\r\n", len);
+    if (length < 0) {
+        head_add(head, sizeof(head), &n, "Transfer-Encoding: chunked\r\n");
+        r->chunked = 1;
+    } else if (status != 204 && status != 304) {
+        head_add(head, sizeof(head), &n, "Content-Length: %lld\r\n", length);
+    }
     if (close_conn)
         head_add(head, sizeof(head), &n, "Connection: close\r\n");
     if (origin && gw_cors_allowed(r->g, origin) && !strpbrk(origin, "\r\n"))
-        head_add(head, sizeof(head), &n, "Access-Control-Allow-Origin: %s\r\nVary: Origin\r\n",
+        head_add(head, sizeof(head), &n,
+                 "Access-Control-Allow-Origin: %s\r\nVary: Origin\r\n"
+                 "Access-Control-Expose-Headers: Content-Range, Content-Location, Location, "
+                 "Warning, Retry-After, Accept-Ranges, WWW-Authenticate\r\n",
                  origin);
     for (const gw_header *h = extra; h && h->name; h++)
         head_add(head, sizeof(head), &n, "%s: %s\r\n", h->name, h->value);
@@ -179,16 +187,61 @@ int gw_send(gw_req *r, int status, const char *content_type, const void *body, s
     if (n >= sizeof(head)) { /* only a bug (huge extra headers) gets here */
         lc_log_error("response head too long", LC_LI("status", status));
         mg_disable_connection_keep_alive(c);
+        r->gone = 1;
         return status;
     }
-    mg_write(c, head, n);
-    if (len && strcmp(r->ri->request_method, "HEAD") != 0) {
-        if (mg_write(c, body, len) > 0) {
-            if (r->ts)
-                r->ts->bytes_out += (long long)len;
-            lc_counter_add(r->g->bytes_out, (double)len);
-        }
+    if (mg_write(c, head, n) <= 0)
+        r->gone = 1;
+    return status;
+}
+
+int gw_write(gw_req *r, const void *buf, size_t len)
+{
+    char hdr[24];
+    if (r->gone)
+        return -1;
+    if (len == 0 || strcmp(r->ri->request_method, "HEAD") == 0)
+        return 0;
+    if (r->chunked) {
+        int k = snprintf(hdr, sizeof(hdr), "%zx\r\n", len);
+        if (mg_write(r->conn, hdr, (size_t)k) <= 0)
+            r->gone = 1;
     }
+    if (!r->gone && mg_write(r->conn, buf, len) <= 0)
+        r->gone = 1;
+    if (!r->gone && r->chunked && mg_write(r->conn, "\r\n", 2) <= 0)
+        r->gone = 1;
+    if (r->gone) {
+        mg_disable_connection_keep_alive(r->conn);
+        return -1;
+    }
+    if (r->ts)
+        r->ts->bytes_out += (long long)len;
+    lc_counter_add(r->g->bytes_out, (double)len);
+    return 0;
+}
+
+void gw_end(gw_req *r)
+{
+    if (!r->chunked || r->gone || strcmp(r->ri->request_method, "HEAD") == 0)
+        return;
+    if (mg_write(r->conn, "0\r\n\r\n", 5) <= 0) {
+        r->gone = 1;
+        mg_disable_connection_keep_alive(r->conn);
+    }
+}
+
+void gw_abort(gw_req *r)
+{
+    r->gone = 1;
+    mg_disable_connection_keep_alive(r->conn);
+}
+
+int gw_send(gw_req *r, int status, const char *content_type, const void *body, size_t len,
+            const gw_header *extra)
+{
+    gw_send_head(r, status, content_type, (long long)len, extra);
+    gw_write(r, body, len);
     return status;
 }
 
@@ -252,33 +305,22 @@ static int write_all(int fd, const char *buf, size_t len)
     return 0;
 }
 
-lc_rc gw_body_spool(gw_req *r, long long max, gw_body *b, lc_err *err)
+lc_rc gw_body_read(gw_req *r, long long max, gw_body_fn fn, void *ctx, long long *total_out,
+                   lc_err *err)
 {
     enum { BUFSZ = 256 * 1024 };
     long long declared = r->ri->content_length, total = 0;
-    lc_sha256 *h = NULL;
     char *buf = NULL;
-    int fd = -1;
     lc_rc rc = LC_OK;
 
-    memset(b, 0, sizeof(*b));
+    if (total_out)
+        *total_out = 0;
     if (declared > max)
         return lc_err_set(err, LC_ERR_TOO_LARGE,
                           "request body of %lld bytes is over the limit of %lld bytes", declared,
                           max);
-    if (snprintf(b->path, sizeof(b->path), "%s/upload-XXXXXX", r->g->cfg->spool_dir) >=
-        (int)sizeof(b->path))
-        return lc_err_set(err, LC_ERR_IO, "the spool directory path is too long");
-    if ((fd = mkostemp(b->path, O_CLOEXEC)) < 0) {
-        rc = lc_err_set(err, LC_ERR_IO, "could not create a spool file in \"%s\": %s",
-                        r->g->cfg->spool_dir, strerror(errno));
-        b->path[0] = '\0';
-        goto out;
-    }
-    if (!(h = lc_sha256_new()) || !(buf = malloc(BUFSZ))) {
-        rc = lc_err_set(err, LC_ERR_NOMEM, "out of memory");
-        goto out;
-    }
+    if (!(buf = malloc(BUFSZ)))
+        return lc_err_set(err, LC_ERR_NOMEM, "out of memory");
     /* the client waits for this before it sends the body (civetweb does not send it) */
     const char *expect = gw_header_get(r, "Expect");
     if (expect && strcasecmp(expect, "100-continue") == 0 && r->ri->http_version &&
@@ -304,12 +346,8 @@ lc_rc gw_body_spool(gw_req *r, long long max, gw_body *b, lc_err *err)
                             max);
             goto out;
         }
-        if (write_all(fd, buf, (size_t)n) != 0) {
-            rc = lc_err_set(err, LC_ERR_IO, "could not write the spool file \"%s\": %s", b->path,
-                            strerror(errno));
+        if ((rc = fn(ctx, buf, (size_t)n, err)) != LC_OK)
             goto out;
-        }
-        lc_sha256_update(h, buf, (size_t)n);
     }
     if (declared >= 0 && total != declared) {
         rc = lc_err_set(err, LC_ERR_INVALID, "request body ended after %lld of %lld bytes", total,
@@ -317,14 +355,61 @@ lc_rc gw_body_spool(gw_req *r, long long max, gw_body *b, lc_err *err)
         goto out;
     }
     r->body_done = 1;
-    b->size = total;
-    lc_sha256_final_hex(h, b->sha256);
 out:
-    if (fd >= 0 && close(fd) != 0 && rc == LC_OK)
+    if (total_out)
+        *total_out = total;
+    free(buf);
+    return rc;
+}
+
+typedef struct spool_ctx {
+    int fd;
+    lc_sha256 *h;
+    const char *path;
+} spool_ctx;
+
+static lc_rc spool_piece(void *arg, const char *buf, size_t len, lc_err *err)
+{
+    spool_ctx *c = arg;
+    if (write_all(c->fd, buf, len) != 0)
+        return lc_err_set(err, LC_ERR_IO, "could not write the spool file \"%s\": %s", c->path,
+                          strerror(errno));
+    lc_sha256_update(c->h, buf, len);
+    return LC_OK;
+}
+
+lc_rc gw_body_spool(gw_req *r, long long max, gw_body *b, lc_err *err)
+{
+    spool_ctx c = {.fd = -1};
+    lc_rc rc = LC_OK;
+
+    memset(b, 0, sizeof(*b));
+    if (r->ri->content_length > max)
+        return lc_err_set(err, LC_ERR_TOO_LARGE,
+                          "request body of %lld bytes is over the limit of %lld bytes",
+                          r->ri->content_length, max);
+    if (snprintf(b->path, sizeof(b->path), "%s/upload-XXXXXX", r->g->cfg->spool_dir) >=
+        (int)sizeof(b->path))
+        return lc_err_set(err, LC_ERR_IO, "the spool directory path is too long");
+    if ((c.fd = mkostemp(b->path, O_CLOEXEC)) < 0) {
+        rc = lc_err_set(err, LC_ERR_IO, "could not create a spool file in \"%s\": %s",
+                        r->g->cfg->spool_dir, strerror(errno));
+        b->path[0] = '\0';
+        goto out;
+    }
+    c.path = b->path;
+    if (!(c.h = lc_sha256_new())) {
+        rc = lc_err_set(err, LC_ERR_NOMEM, "out of memory");
+        goto out;
+    }
+    if ((rc = gw_body_read(r, max, spool_piece, &c, &b->size, err)) != LC_OK)
+        goto out;
+    lc_sha256_final_hex(c.h, b->sha256);
+out:
+    if (c.fd >= 0 && close(c.fd) != 0 && rc == LC_OK)
         rc = lc_err_set(err, LC_ERR_IO, "could not write the spool file \"%s\": %s", b->path,
                         strerror(errno));
-    lc_sha256_free(h);
-    free(buf);
+    lc_sha256_free(c.h);
     if (rc != LC_OK)
         gw_body_discard(b);
     return rc;
@@ -444,4 +529,100 @@ lc_rc gw_query_json(lc_db *db, const char *sql, int n, const char *const *params
     }
     PQclear(res);
     return rc;
+}
+
+/* --- URLs and content negotiation -------------------------------------------------------- */
+
+int gw_media_type_is(const char *ct, const char *type)
+{
+    size_t n = strlen(type);
+    if (!ct)
+        return 0;
+    while (*ct == ' ' || *ct == '\t')
+        ct++;
+    if (strncasecmp(ct, type, n) != 0)
+        return 0;
+    ct += n;
+    while (*ct == ' ' || *ct == '\t')
+        ct++;
+    return *ct == '\0' || *ct == ';';
+}
+
+void gw_base_url(const gw_req *r, char *buf, size_t cap)
+{
+    const char *pub = r->g->cfg->public_url;
+    buf[0] = '\0';
+    if (pub && *pub) {
+        size_t n = strlen(pub);
+        while (n && pub[n - 1] == '/')
+            n--;
+        snprintf(buf, cap, "%.*s", (int)n, pub);
+        return;
+    }
+    const char *host = gw_header_get(r, "Host");
+    /* only a plain host[:port] (or [v6]:port) may end up in URLs we hand out */
+    if (!host || !*host || strlen(host) > 255 ||
+        strspn(host, "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789.-:[]") !=
+            strlen(host))
+        return;
+    snprintf(buf, cap, "%s://%s", r->g->tls ? "https" : "http", host);
+}
+
+/* The next comma-separated Accept entry (commas inside quotes do not split). */
+static const char *accept_next(const char *p, char *out, size_t cap)
+{
+    size_t n = 0;
+    int quoted = 0;
+    while (*p == ' ' || *p == ',')
+        p++;
+    if (!*p)
+        return NULL;
+    for (; *p && (quoted || *p != ','); p++) {
+        if (*p == '"')
+            quoted = !quoted;
+        if (n + 1 < cap)
+            out[n++] = *p;
+    }
+    out[n] = '\0';
+    return p;
+}
+
+static int range_matches(const char *range, const char *media)
+{
+    if (strcmp(range, "*/*") == 0 || strcasecmp(range, media) == 0)
+        return 1;
+    size_t n = strlen(range);
+    const char *slash = strchr(media, '/');
+    return n > 2 && strcmp(range + n - 2, "/*") == 0 && slash &&
+           (size_t)(slash - media) == n - 2 && strncasecmp(range, media, n - 2) == 0;
+}
+
+int gw_accept_pick(const gw_req *r, const char *const *medias, char *type, char *ts)
+{
+    const char *accept = gw_header_get(r, "Accept");
+    char entry[512];
+    int best = -1, best_q = -1;
+    if (type)
+        type[0] = '\0';
+    if (ts)
+        ts[0] = '\0';
+    if (!accept || !*accept)
+        accept = "*/*";
+    for (const char *p = accept; (p = accept_next(p, entry, sizeof(entry))) != NULL;) {
+        gw_mp_ctype ct;
+        if (gw_mp_parse_ctype(entry, &ct, NULL) != LC_OK || ct.q <= best_q || ct.q == 0)
+            continue;
+        for (int i = 0; medias[i]; i++) {
+            if (!range_matches(ct.media, medias[i]))
+                continue;
+            best = i;
+            best_q = ct.q;
+            if (type)
+                lc_strlcpy(type, ct.type, 128);
+            if (ts)
+                lc_strlcpy(ts, ct.ts, 128);
+            break;
+        }
+    }
+    return best;
 }

@@ -43,15 +43,65 @@ const lc_cfg_var gw_cfg_vars[] = {
      "origins allowed to call the API from a browser: comma-separated list or *; empty sends "
      "no CORS headers",
      OFF(cors_origins)},
+    {"RADPIPE_TLS_CERT_FILE", LC_CFG_STR, "", 0, -1, 0, NULL,
+     "PEM file with the server certificate chain and its private key; when set the listener "
+     "speaks HTTPS only (TLS 1.2 or later)",
+     OFF(tls_cert_file)},
+    {"RADPIPE_PUBLIC_URL", LC_CFG_STR, "", 0, -1, 0, NULL,
+     "base URL clients reach the gateway at (https://pacs.example.org), used in DICOMweb "
+     "RetrieveURL and BulkDataURI; empty: taken from each request's Host header",
+     OFF(public_url)},
+    {"RADPIPE_UPLOAD_MAX_FILES", LC_CFG_INT, "1000", 1, 100000, 0, NULL,
+     "most instances in one STOW-RS request or one zip upload; more get 413",
+     OFF(upload_max_files)},
+    {"RADPIPE_ZIP_MAX_EXPANDED_BYTES", LC_CFG_BYTES, "8G", 1, 1099511627776.0, 0, NULL,
+     "most bytes a zip upload may expand to (K, M, G suffixes); a zip that inflates more than "
+     "200-fold is refused as a zip bomb anyway",
+     OFF(zip_max_expanded)},
+    {"RADPIPE_EVENTS_MAX_CLIENTS", LC_CFG_INT, "8", 0, 1024, 0, NULL,
+     "most concurrent GET /api/v1/events streams (each holds an HTTP worker thread); keep it "
+     "below RADPIPE_HTTP_THREADS",
+     OFF(events_max_clients)},
 };
 const size_t gw_cfg_nvars = sizeof(gw_cfg_vars) / sizeof(gw_cfg_vars[0]);
 
 /* Adding a route is one line here (and one in proto/openapi.yaml: a test checks both). */
 static const gw_route routes[] = {
+    /* REST API */
     {"POST", "/api/v1/instances", GW_SCOPE_WRITE, gw_instances_post},
     {"GET", "/api/v1/studies", GW_SCOPE_READ, gw_studies_list},
     {"GET", "/api/v1/studies/{uid}", GW_SCOPE_READ, gw_studies_get},
+    {"POST", "/api/v1/studies/{uid}/complete", GW_SCOPE_WRITE, gw_studies_complete},
+    {"POST", "/api/v1/studies/{uid}/jobs", GW_SCOPE_WRITE, gw_jobs_create},
+    {"GET", "/api/v1/jobs", GW_SCOPE_READ, gw_jobs_list},
     {"GET", "/api/v1/jobs/{id}", GW_SCOPE_READ, gw_jobs_get},
+    {"POST", "/api/v1/jobs/{id}/retry", GW_SCOPE_WRITE, gw_jobs_retry},
+    {"POST", "/api/v1/jobs/{id}/cancel", GW_SCOPE_WRITE, gw_jobs_cancel},
+    {"GET", "/api/v1/jobs/{id}/artifacts/{name}", GW_SCOPE_READ, gw_jobs_artifact},
+    {"GET", "/api/v1/events", GW_SCOPE_READ, gw_events_stream},
+    /* DICOMweb: STOW-RS, QIDO-RS, WADO-RS (PS3.18) */
+    {"POST", "/dicomweb/studies", GW_SCOPE_WRITE, gw_stow},
+    {"GET", "/dicomweb/studies", GW_SCOPE_READ, gw_qido_studies},
+    {"POST", "/dicomweb/studies/{study}", GW_SCOPE_WRITE, gw_stow},
+    {"GET", "/dicomweb/studies/{study}", GW_SCOPE_READ, gw_wado_retrieve},
+    {"GET", "/dicomweb/studies/{study}/metadata", GW_SCOPE_READ, gw_wado_metadata},
+    {"GET", "/dicomweb/studies/{study}/series", GW_SCOPE_READ, gw_qido_series},
+    {"GET", "/dicomweb/studies/{study}/instances", GW_SCOPE_READ, gw_qido_instances},
+    {"GET", "/dicomweb/studies/{study}/series/{series}", GW_SCOPE_READ, gw_wado_retrieve},
+    {"GET", "/dicomweb/studies/{study}/series/{series}/metadata", GW_SCOPE_READ,
+     gw_wado_metadata},
+    {"GET", "/dicomweb/studies/{study}/series/{series}/instances", GW_SCOPE_READ,
+     gw_qido_instances},
+    {"GET", "/dicomweb/studies/{study}/series/{series}/instances/{instance}", GW_SCOPE_READ,
+     gw_wado_retrieve},
+    {"GET", "/dicomweb/studies/{study}/series/{series}/instances/{instance}/metadata",
+     GW_SCOPE_READ, gw_wado_metadata},
+    {"GET", "/dicomweb/studies/{study}/series/{series}/instances/{instance}/frames/{frames}",
+     GW_SCOPE_READ, gw_wado_frames},
+    {"GET", "/dicomweb/studies/{study}/series/{series}/instances/{instance}/bulk/{tag}",
+     GW_SCOPE_READ, gw_wado_bulk},
+    {"GET", "/dicomweb/series", GW_SCOPE_READ, gw_qido_series},
+    {"GET", "/dicomweb/instances", GW_SCOPE_READ, gw_qido_instances},
 };
 static const size_t nroutes = sizeof(routes) / sizeof(routes[0]);
 
@@ -180,6 +230,14 @@ static lc_rc metrics_init(gw *g, lc_err *err)
                                      "request body bytes received by API routes", NULL);
     g->bytes_out = lc_metrics_counter(mx, "radpipe_http_bytes_sent_total",
                                       "response body bytes sent by API routes", NULL);
+    g->stow_stored = lc_metrics_counter(mx, "radpipe_stow_instances_total",
+                                        "instances received by STOW-RS, by outcome",
+                                        "outcome=\"stored\"");
+    g->stow_failed = lc_metrics_counter(mx, "radpipe_stow_instances_total",
+                                        "instances received by STOW-RS, by outcome",
+                                        "outcome=\"failed\"");
+    g->sse_clients = lc_metrics_gauge(mx, "radpipe_http_event_streams",
+                                      "open GET /api/v1/events streams", NULL);
     return LC_OK;
 }
 
@@ -280,7 +338,9 @@ static int preflight(gw_req *r, const char *allow)
     if (origin && want && gw_cors_allowed(r->g, origin)) {
         const gw_header h[] = {{"Allow", allow},
                                {"Access-Control-Allow-Methods", allow},
-                               {"Access-Control-Allow-Headers", "Authorization, Content-Type"},
+                               {"Access-Control-Allow-Headers",
+                                "Authorization, Content-Type, Accept, Range, If-Range, "
+                                "Last-Event-ID"},
                                {"Access-Control-Max-Age", "600"},
                                {NULL, NULL}};
         return gw_send(r, 204, NULL, NULL, 0, h);
@@ -403,7 +463,7 @@ static lc_rc parse_cors(gw *g, const char *s, lc_err *err)
 
 lc_rc gw_start(gw *g, const gw_config *cfg, const gw_deps *deps, lc_err *err)
 {
-    char threads[24], timeout[24], etext[256] = "";
+    char threads[24], timeout[24], etext[256] = "", ports_opt[512];
     unsigned ecode = 0;
     struct mg_callbacks cb;
     struct mg_server_port ports[4];
@@ -430,12 +490,24 @@ lc_rc gw_start(gw *g, const gw_config *cfg, const gw_deps *deps, lc_err *err)
 
     snprintf(threads, sizeof(threads), "%lld", cfg->http_threads);
     snprintf(timeout, sizeof(timeout), "%lld", cfg->request_timeout_ms);
-    const char *opts[] = {"listening_ports", cfg->http_listen, "num_threads", threads,
+    g->tls = cfg->tls_cert_file && *cfg->tls_cert_file;
+    if (g->tls) {
+        if ((rc = gw_tls_prepare(cfg, ports_opt, sizeof(ports_opt), err)) != LC_OK)
+            goto out;
+    } else {
+        lc_strlcpy(ports_opt, cfg->http_listen, sizeof(ports_opt));
+    }
+    const char *opts[] = {"listening_ports", ports_opt, "num_threads", threads,
                           "request_timeout_ms", timeout, "enable_keep_alive", "yes",
                           "enable_directory_listing", "no",
                           /* CORS is the router's business (RADPIPE_CORS_ORIGINS) */
                           "access_control_allow_origin", "", "access_control_allow_methods", "",
-                          "access_control_allow_headers", "", NULL};
+                          "access_control_allow_headers", "",
+                          /* TLS 1.2 or later; only read when a port is marked for TLS */
+                          "ssl_certificate", g->tls ? cfg->tls_cert_file : NULL,
+                          "ssl_protocol_version", "4", NULL};
+    if (!g->tls)
+        opts[sizeof(opts) / sizeof(opts[0]) - 5] = NULL; /* end before the TLS options */
     memset(&cb, 0, sizeof(cb));
     cb.begin_request = on_begin_request;
     cb.end_request = on_end_request;
@@ -444,7 +516,14 @@ lc_rc gw_start(gw *g, const gw_config *cfg, const gw_deps *deps, lc_err *err)
     cb.exit_thread = on_exit_thread;
     struct mg_init_data init = {.callbacks = &cb, .user_data = g, .configuration_options = opts};
     struct mg_error_data e = {.code = &ecode, .text = etext, .text_buffer_size = sizeof(etext)};
-    mg_init_library(0);
+    if (g->tls && !(mg_init_library(MG_FEATURES_TLS) & MG_FEATURES_TLS)) {
+        g->lib_inited = 1;
+        rc = lc_err_set(err, LC_ERR_CONFIG,
+                        "could not initialise TLS in civetweb (OpenSSL not loadable)");
+        goto out;
+    }
+    if (!g->tls)
+        mg_init_library(0);
     g->lib_inited = 1;
     if (!(g->mg = mg_start2(&init, &e))) {
         rc = lc_err_set(err, LC_ERR_CONFIG, "could not start the HTTP server on \"%s\": %s",
@@ -460,8 +539,11 @@ lc_rc gw_start(gw *g, const gw_config *cfg, const gw_deps *deps, lc_err *err)
     if (deps->svc && deps->svc->producer)
         lc_admin_add_check(g->admin, "kafka", lc_service_check_kafka, deps->svc);
     mg_set_request_handler(g->mg, "/", router, g);
+    if ((rc = gw_events_start(g, err)) != LC_OK)
+        goto out;
     lc_log_info("listening", LC_LS("listen", cfg->http_listen), LC_LI("port", g->port),
-                LC_LI("threads", cfg->http_threads), LC_LI("max_body_bytes", cfg->max_body_bytes));
+                LC_LB("tls", g->tls), LC_LI("threads", cfg->http_threads),
+                LC_LI("max_body_bytes", cfg->max_body_bytes));
 out:
     if (rc != LC_OK)
         gw_stop(g);
@@ -491,9 +573,11 @@ void gw_stop(gw *g)
     if (!g)
         return;
     gw_drain_begin(g);
-    if (g->mg) /* joins the workers: no handler runs after this */
+    if (g->mg) /* joins the workers: no handler runs after this (event streams end too) */
         mg_stop(g->mg);
     g->mg = NULL;
+    gw_events_stop(g->events);
+    g->events = NULL;
     lc_admin_free(g->admin);
     g->admin = NULL;
     if (g->lib_inited)

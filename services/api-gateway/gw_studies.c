@@ -9,7 +9,13 @@
 #include <string.h>
 #include <libpq-fe.h>
 #include "gw.h"
+#include "gw_buf.h"
+#include "gw_qido.h"
 #include "lc/dicom.h"
+#include "lc/event.h"
+#include "lc/kafka.h"
+#include "lc/log.h"
+#include "lc/outbox.h"
 
 #define STUDY_FIELDS                                                                               \
     "'study_instance_uid', s.study_uid, 'patient_id', s.patient_id,"                               \
@@ -19,17 +25,34 @@
     " 'num_instances', s.num_instances, 'completed_version', s.completed_version,"                 \
     " 'created_at', " GW_TS("s.created_at") ", 'updated_at', " GW_TS("s.updated_at")
 
-/* $1 patient_id, $2 modality, $3 study_date; NULL means "no filter" */
+/* $1 patient_id, $2 modality, $3 study_date, $4 patient_name (LIKE pattern), $5 accession
+ * number, $6 first date, $7 last date; NULL means "no filter" */
 #define STUDY_FILTER                                                                               \
     " WHERE ($1::text IS NULL OR s.patient_id = $1)"                                               \
     "   AND ($2::text IS NULL OR $2 = ANY (s.modalities))"                                         \
-    "   AND ($3::text IS NULL OR s.study_date = $3)"
+    "   AND ($3::text IS NULL OR s.study_date = $3)"                                               \
+    "   AND ($4::text IS NULL OR coalesce(s.patient_name_norm, upper(s.patient_name))"              \
+    "        LIKE upper($4))"                                                                      \
+    "   AND ($5::text IS NULL OR s.accession_number = $5)"                                         \
+    "   AND ($6::text IS NULL OR s.study_date >= $6)"                                              \
+    "   AND ($7::text IS NULL OR s.study_date <= $7)"
+#define NFILTERS 7
 
-static const char list_sql[] =
-    "SELECT json_build_object(" STUDY_FIELDS ")::text"
-    " FROM studies s" STUDY_FILTER " ORDER BY s.created_at DESC, s.study_uid"
-    " LIMIT $4::bigint OFFSET $5::bigint";
 static const char count_sql[] = "SELECT count(*) FROM studies s" STUDY_FILTER;
+
+/* sort=<key> or -<key> (descending); the ORDER BY fragments are this table's, never input */
+static const struct {
+    const char *key, *asc, *desc;
+} sorts[] = {
+    {"created_at", "s.created_at, s.study_uid", "s.created_at DESC, s.study_uid"},
+    {"updated_at", "s.updated_at, s.study_uid", "s.updated_at DESC, s.study_uid"},
+    {"study_date", "s.study_date NULLS FIRST, s.study_time NULLS FIRST, s.study_uid",
+     "s.study_date DESC NULLS LAST, s.study_time DESC NULLS LAST, s.study_uid"},
+    {"patient_name", "s.patient_name NULLS LAST, s.study_uid",
+     "s.patient_name DESC NULLS LAST, s.study_uid"},
+    {"patient_id", "s.patient_id NULLS LAST, s.study_uid",
+     "s.patient_id DESC NULLS LAST, s.study_uid"},
+};
 
 static const char get_sql[] =
     "SELECT json_build_object(" STUDY_FIELDS ","
@@ -65,49 +88,104 @@ static int text_filter(gw_req *r, const char *name, char *buf, size_t cap, const
     return 0;
 }
 
+/* A DICOM wildcard value (* and ?) as a LIKE pattern. */
+static void like_pattern(const char *v, char *out, size_t cap)
+{
+    size_t n = 0;
+    for (; *v && n + 3 < cap; v++) {
+        if (*v == '\\' || *v == '%' || *v == '_')
+            out[n++] = '\\';
+        out[n++] = *v == '*' ? '%' : *v == '?' ? '_' : *v;
+    }
+    out[n] = '\0';
+}
+
+static int date_filter(gw_req *r, const char *name, char *buf, size_t cap, const char **out)
+{
+    if (text_filter(r, name, buf, cap, out) != 0)
+        return -1;
+    if (*out && !gw_qido_date_ok(*out, strlen(*out))) {
+        gw_send_problem(r, 400, NULL,
+                        "invalid value for query parameter \"%s\": must be a date YYYYMMDD",
+                        name);
+        return -1;
+    }
+    return 0;
+}
+
 int gw_studies_list(gw_req *r)
 {
-    static const char *const allowed[] = {"limit",    "offset",     "patient_id",
-                                          "modality", "study_date", NULL};
-    char pid[256], mod[64], date[16], bad[64], lim[24], off[24];
-    const char *p[5] = {NULL};
+    static const char *const allowed[] = {"limit",          "offset",          "patient_id",
+                                          "modality",       "study_date",      "patient_name",
+                                          "accession_number", "study_date_from", "study_date_to",
+                                          "sort",           NULL};
+    char pid[256], mod[64], date[16], name[256], like[520], acc[64], from[16], to[16], sort[32];
+    char bad[64], lim[24], off[24];
+    const char *p[NFILTERS + 2] = {NULL}, *nm = NULL, *srt = NULL, *order = sorts[0].desc;
     long long limit, offset;
     lc_db *db = NULL;
     PGresult *res = NULL;
     lc_err err = {0};
+    gw_buf sql = {0};
 
     if (gw_query_unknown(r, allowed, bad, sizeof(bad)))
         return gw_send_problem(r, 400, NULL,
                                "unknown query parameter \"%s\" (known: limit, offset, patient_id, "
-                               "modality, study_date)",
+                               "patient_name, modality, accession_number, study_date, "
+                               "study_date_from, study_date_to, sort)",
                                bad);
     if (gw_query_int(r, "limit", 100, 1, 1000, &limit) != 0 ||
         gw_query_int(r, "offset", 0, 0, 1000000000LL, &offset) != 0 ||
         text_filter(r, "patient_id", pid, sizeof(pid), &p[0]) != 0 ||
         text_filter(r, "modality", mod, sizeof(mod), &p[1]) != 0 ||
-        text_filter(r, "study_date", date, sizeof(date), &p[2]) != 0)
+        date_filter(r, "study_date", date, sizeof(date), &p[2]) != 0 ||
+        text_filter(r, "patient_name", name, sizeof(name), &nm) != 0 ||
+        text_filter(r, "accession_number", acc, sizeof(acc), &p[4]) != 0 ||
+        date_filter(r, "study_date_from", from, sizeof(from), &p[5]) != 0 ||
+        date_filter(r, "study_date_to", to, sizeof(to), &p[6]) != 0 ||
+        text_filter(r, "sort", sort, sizeof(sort), &srt) != 0)
         return 400;
-    if (p[2] && (strlen(p[2]) != 8 || strspn(p[2], "0123456789") != 8))
-        return gw_send_problem(r, 400, NULL,
-                               "invalid value for query parameter \"study_date\": must be "
-                               "YYYYMMDD");
+    if (nm) {
+        like_pattern(nm, like, sizeof(like));
+        p[3] = like;
+    }
+    if (srt) {
+        const char *k = srt[0] == '-' ? srt + 1 : srt;
+        order = NULL;
+        for (size_t i = 0; i < sizeof(sorts) / sizeof(sorts[0]); i++)
+            if (strcmp(k, sorts[i].key) == 0)
+                order = srt[0] == '-' ? sorts[i].desc : sorts[i].asc;
+        if (!order)
+            return gw_send_problem(r, 400, NULL,
+                                   "invalid value for query parameter \"sort\": created_at, "
+                                   "updated_at, study_date, patient_name or patient_id, with - "
+                                   "for descending");
+    }
     snprintf(lim, sizeof(lim), "%lld", limit);
     snprintf(off, sizeof(off), "%lld", offset);
-    p[3] = lim;
-    p[4] = off;
+    p[NFILTERS] = lim;
+    p[NFILTERS + 1] = off;
+    gw_buf_addf(&sql,
+                "SELECT json_build_object(%s)::text FROM studies s %s ORDER BY %s"
+                " LIMIT $8::bigint OFFSET $9::bigint",
+                STUDY_FIELDS, STUDY_FILTER, order);
 
     cJSON *o = cJSON_CreateObject();
     cJSON *items = cJSON_AddArrayToObject(o, "items");
-    if (!items) {
+    if (!items || !gw_buf_cstr(&sql)) {
         cJSON_Delete(o);
+        gw_buf_free(&sql);
         return gw_send_problem(r, 500, NULL, "out of memory");
     }
-    if (gw_db(r, &db, &err) != LC_OK || lc_db_exec(db, count_sql, 3, p, &res, &err) != LC_OK ||
-        gw_query_json(db, list_sql, 5, p, items, NULL, &err) != LC_OK) {
+    if (gw_db(r, &db, &err) != LC_OK ||
+        lc_db_exec(db, count_sql, NFILTERS, p, &res, &err) != LC_OK ||
+        gw_query_json(db, gw_buf_cstr(&sql), NFILTERS + 2, p, items, NULL, &err) != LC_OK) {
         PQclear(res);
         cJSON_Delete(o);
+        gw_buf_free(&sql);
         return gw_send_unavailable(r, "the database", &err);
     }
+    gw_buf_free(&sql);
     cJSON_AddNumberToObject(o, "limit", (double)limit);
     cJSON_AddNumberToObject(o, "offset", (double)offset);
     cJSON_AddNumberToObject(o, "total", (double)strtoll(PQgetvalue(res, 0, 0), NULL, 10));
@@ -132,4 +210,107 @@ int gw_studies_get(gw_req *r)
     if (!study)
         return gw_send_problem(r, 404, NULL, "no study with StudyInstanceUID %s", uid);
     return gw_send_json(r, 200, study);
+}
+
+/* --- POST /api/v1/studies/{uid}/complete ------------------------------------------------- */
+
+typedef struct close_ctx {
+    const char *prefix;
+    const lc_event *ev;
+} close_ctx;
+
+static lc_rc close_tx(lc_db *db, void *arg, lc_err *err)
+{
+    const close_ctx *c = arg;
+    return lc_outbox_add_event(db, c->prefix, LC_TOPIC_STUDY_CLOSE, c->ev, err);
+}
+
+typedef struct small_body {
+    char buf[4097];
+    size_t len;
+} small_body;
+
+static lc_rc small_piece(void *ctx, const char *buf, size_t len, lc_err *err)
+{
+    small_body *b = ctx;
+    if (b->len + len > sizeof(b->buf) - 1)
+        return lc_err_set(err, LC_ERR_TOO_LARGE, "request body is over the limit of %zu bytes",
+                          sizeof(b->buf) - 1);
+    memcpy(b->buf + b->len, buf, len);
+    b->len += len;
+    return LC_OK;
+}
+
+/* The client says the study is complete: a radpipe.study.close event (proto/events), which
+ * the indexer turns into a completion at once instead of after the quiet period. The study
+ * need not be indexed yet: the event is keyed by the study, so it follows the study's
+ * instance.stored events on the same partition. */
+int gw_studies_complete(gw_req *r)
+{
+    const char *uid = gw_param_get(r, "uid");
+    small_body *b = NULL;
+    lc_event *ev = NULL;
+    lc_db *db = NULL;
+    lc_err err = {0};
+    cJSON *body = NULL, *data = NULL, *src = NULL;
+    const char *reason = NULL;
+    int status;
+
+    if (!uid || !lc_dicom_uid_valid(uid))
+        return gw_send_problem(r, 400, NULL, "\"%.80s\" is not a valid StudyInstanceUID",
+                               uid ? uid : "");
+    gw_db_put(r);
+    if (!(b = calloc(1, sizeof(*b))))
+        return gw_send_problem(r, 500, NULL, "out of memory");
+    lc_rc rc = gw_body_read(r, sizeof(b->buf) - 1, small_piece, b, NULL, &err);
+    if (rc != LC_OK) {
+        status = gw_send_problem(r, rc == LC_ERR_TOO_LARGE ? 413 : 400, NULL, "%s",
+                                 lc_err_msg(&err));
+        goto out;
+    }
+    if (b->len) {
+        if (!gw_media_type_is(gw_header_get(r, "Content-Type"), "application/json")) {
+            status = gw_send_problem(r, 415, NULL, "send the body as application/json");
+            goto out;
+        }
+        body = cJSON_ParseWithLength(b->buf, b->len);
+        cJSON *c = body ? body->child : NULL;
+        if (!cJSON_IsObject(body) || (c && (c->next || strcmp(c->string, "reason") != 0)) ||
+            (c && !cJSON_IsString(c))) {
+            status = gw_send_problem(r, 400, NULL,
+                                     "the body must be a JSON object with at most a \"reason\" "
+                                     "string");
+            goto out;
+        }
+        reason = c ? c->valuestring : NULL;
+    }
+    if (!(data = cJSON_CreateObject()) ||
+        !cJSON_AddStringToObject(data, "study_instance_uid", uid) ||
+        (reason && !cJSON_AddStringToObject(data, "reason", reason)) ||
+        !(src = cJSON_AddObjectToObject(data, "source")) ||
+        !cJSON_AddStringToObject(src, "kind", "http") ||
+        !cJSON_AddStringToObject(src, "name", r->token_name)) {
+        cJSON_Delete(data);
+        status = gw_send_problem(r, 500, NULL, "out of memory");
+        goto out;
+    }
+    if (lc_event_new(LC_EV_STUDY_CLOSE, r->g->deps.source, uid, data, &ev, &err) != LC_OK) {
+        status = gw_send_problem(r, 500, NULL, "could not build the event: %s", lc_err_msg(&err));
+        goto out;
+    }
+    close_ctx cc = {r->g->deps.topic_prefix, ev};
+    if (gw_db(r, &db, &err) != LC_OK || lc_db_tx(db, 3, close_tx, &cc, &err) != LC_OK) {
+        status = gw_send_unavailable(r, "the database", &err);
+        goto out;
+    }
+    lc_log_info("study close requested", LC_LS("study", uid), LC_LS("token", r->token_name));
+    cJSON *ok = cJSON_CreateObject();
+    cJSON_AddStringToObject(ok, "study_instance_uid", uid);
+    cJSON_AddStringToObject(ok, "event_id", ev->id);
+    status = gw_send_json(r, 202, ok);
+out:
+    cJSON_Delete(body);
+    lc_event_free(ev);
+    free(b);
+    return status;
 }

@@ -4,9 +4,9 @@
  * multi-slice series goes in over HTTP and must come out indexed (a row per instance), with
  * exactly one study.completed event (read back with a Kafka consumer and validated against
  * proto/events with ajv), an upload job and a segment job that succeed, archived files
- * byte-identical to the input, and a mask with the volume's dimensions. Bad input (not
- * DICOM, no token) is refused with JSON errors and indexes nothing. Stopping the stack with
- * SIGINT leaves no process behind.
+ * byte-identical to the input, and the segment job's NIfTI mask, DICOM SEG and PNG preview,
+ * downloadable from the gateway. Bad input (not DICOM, no token) is refused with JSON errors
+ * and indexes nothing. Stopping the stack with SIGINT leaves no process behind.
  */
 #include <dirent.h>
 #include <setjmp.h>
@@ -21,6 +21,7 @@
 #include <cmocka.h>
 #include <cjson/cJSON.h>
 #include <libpq-fe.h>
+#include <nifti1_io.h>
 #include "lc/dicom.h"
 #include "lc/util.h"
 #include "ts.h"
@@ -204,7 +205,9 @@ static void test_pipeline(void **state)
         lc_dicom_header_free(h);
     }
 
-    /* the mask: listed as artifacts of the segment job, with the volume's dimensions */
+    /* the mask: three artifacts of the segment job, listed with size and media type and
+     * downloadable from the gateway; the NIfTI has the volume's voxels, the SEG references
+     * the study and one frame per slice */
     char path[256];
     snprintf(path, sizeof(path), "/api/v1/jobs/%s", seg_id);
     char *ju = url(path);
@@ -212,25 +215,46 @@ static void test_pipeline(void **state)
     free(ju);
     cJSON *job = cJSON_Parse(body);
     free(body);
+    assert_string_equal(
+        cJSON_GetObjectItem(cJSON_GetObjectItem(job, "result"), "series_instance_uid")->valuestring,
+        series_uid);
     cJSON *arts = cJSON_GetObjectItem(job, "artifacts");
-    long long raw_size = -1;
-    for (int k = 0; k < cJSON_GetArraySize(arts); k++) {
+    static const char *const want[3][2] = {{"mask.nii.gz", "application/gzip"},
+                                           {"preview.png", "image/png"},
+                                           {"segmentation.dcm", "application/dicom"}};
+    char *tmp = ts_tmpdir("pipeline-mask");
+    assert_int_equal(cJSON_GetArraySize(arts), 3);
+    for (int k = 0; k < 3; k++) {
         cJSON *a = cJSON_GetArrayItem(arts, k);
-        if (strcmp(cJSON_GetObjectItem(a, "name")->valuestring, "mask.raw") == 0)
-            raw_size = (long long)cJSON_GetObjectItem(a, "size")->valuedouble;
+        char *data = NULL, file[600];
+        size_t len = 0;
+        assert_string_equal(cJSON_GetObjectItem(a, "name")->valuestring, want[k][0]);
+        assert_string_equal(cJSON_GetObjectItem(a, "media_type")->valuestring, want[k][1]);
+        snprintf(path, sizeof(path), "/api/v1/jobs/%s/artifacts/%s", seg_id, want[k][0]);
+        char *au = url(path);
+        assert_int_equal(ts_http("GET", au, st.token, NULL, NULL, 0, &data, &len), 200);
+        free(au);
+        assert_int_equal((long long)len, (long long)cJSON_GetObjectItem(a, "size")->valuedouble);
+        snprintf(file, sizeof(file), "%s/%s", tmp, want[k][0]);
+        assert_int_equal(ts_write_file(file, data, len), 0);
+        free(data);
     }
-    assert_int_equal(raw_size, (long long)rows * cols * nfiles);
-    snprintf(path, sizeof(path), "%s/objects/results/%s/mask.json", st.var, seg_id);
-    char *meta_txt = ts_read_file(path, NULL);
-    assert_non_null(meta_txt);
-    cJSON *meta = cJSON_Parse(meta_txt);
-    cJSON *dims = cJSON_GetObjectItem(meta, "dims");
-    assert_int_equal(cJSON_GetArrayItem(dims, 0)->valueint, cols);
-    assert_int_equal(cJSON_GetArrayItem(dims, 1)->valueint, rows);
-    assert_int_equal(cJSON_GetArrayItem(dims, 2)->valueint, nfiles);
-    assert_string_equal(cJSON_GetObjectItem(meta, "series_instance_uid")->valuestring, series_uid);
-    cJSON_Delete(meta);
-    free(meta_txt);
+    snprintf(path, sizeof(path), "%s/mask.nii.gz", tmp);
+    nifti_image *nim = nifti_image_read(path, 0);
+    assert_non_null(nim);
+    assert_int_equal((long long)nim->nvox, (long long)rows * cols * nfiles);
+    assert_int_equal(nim->sform_code, NIFTI_XFORM_SCANNER_ANAT);
+    nifti_image_free(nim);
+    lc_dicom_header *sh = NULL;
+    lc_err se;
+    snprintf(path, sizeof(path), "%s/segmentation.dcm", tmp);
+    assert_int_equal(lc_dicom_read_header(path, &sh, &se), LC_OK);
+    assert_string_equal(sh->modality, "SEG");
+    assert_string_equal(sh->study_instance_uid, study_uid);
+    assert_int_equal(sh->number_of_frames, nfiles);
+    lc_dicom_header_free(sh);
+    ts_rmrf(tmp);
+    free(tmp);
     cJSON_Delete(job);
 
     /* the events: exactly one study.completed, and every event valid against proto/events */

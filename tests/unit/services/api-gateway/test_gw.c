@@ -355,7 +355,12 @@ static lc_rc start_gw(fixture *f, gw *g, const char *token_file, lc_err *err)
                          .spool_dir = f->spool,
                          .admin_token_file = (char *)token_file,
                          .db_pool_size = 3,
-                         .cors_origins = "https://ui.example, https://other.example/"};
+                         .cors_origins = "https://ui.example, https://other.example/",
+                         .tls_cert_file = "",
+                         .public_url = "",
+                         .upload_max_files = 100,
+                         .zip_max_expanded = 64LL << 20,
+                         .events_max_clients = 2};
     f->deps = (gw_deps){.database_url = f->db_url,
                         .topic_prefix = "radpipe.",
                         .source = "/radpipe/api-gateway",
@@ -529,7 +534,7 @@ static void test_post_not_dicom(void **state)
                        .body = "",
                        .len = 0});
     d = expect_problem(&r, 400);
-    assert_string_equal(d, "body is not a DICOM file: the body is empty");
+    assert_string_equal(d, "body is not a DICOM file: it is empty");
     free(d);
     resp_free(&r);
 
@@ -1230,7 +1235,10 @@ static void test_config_table(void **state)
         "RADPIPE_HTTP_LISTEN",         "RADPIPE_HTTP_THREADS",
         "RADPIPE_HTTP_MAX_BODY_BYTES", "RADPIPE_HTTP_REQUEST_TIMEOUT_MS",
         "RADPIPE_SPOOL_DIR",           "RADPIPE_ADMIN_TOKEN_FILE",
-        "RADPIPE_DB_POOL_SIZE",        "RADPIPE_CORS_ORIGINS"};
+        "RADPIPE_DB_POOL_SIZE",        "RADPIPE_CORS_ORIGINS",
+        "RADPIPE_TLS_CERT_FILE",       "RADPIPE_PUBLIC_URL",
+        "RADPIPE_UPLOAD_MAX_FILES",    "RADPIPE_ZIP_MAX_EXPANDED_BYTES",
+        "RADPIPE_EVENTS_MAX_CLIENTS"};
     assert_int_equal(gw_cfg_nvars, sizeof(names) / sizeof(names[0]));
     for (size_t i = 0; i < gw_cfg_nvars; i++) {
         assert_string_equal(gw_cfg_vars[i].name, names[i]);
@@ -1249,6 +1257,11 @@ static void test_config_table(void **state)
     assert_string_equal(c.spool_dir, "var/spool");
     assert_string_equal(c.admin_token_file, "");
     assert_string_equal(c.cors_origins, "");
+    assert_string_equal(c.tls_cert_file, "");
+    assert_string_equal(c.public_url, "");
+    assert_int_equal(c.upload_max_files, 1000);
+    assert_int_equal(c.zip_max_expanded, 8LL << 30);
+    assert_int_equal(c.events_max_clients, 8);
     lc_cfg_release(&t, 1);
 }
 
