@@ -1321,6 +1321,13 @@ static lc_rc block_signals(stack *s, lc_err *err)
     if (s->sigfd < 0)
         return lc_err_set(err, LC_ERR_INTERNAL, "could not create signalfd: %s", strerror(errno));
     signal(SIGPIPE, SIG_IGN);
+    /* `make run` execs us from make's recipe shell: a SIGTERM sent to make alone (not to
+     * the terminal's process group, as Ctrl-C is) would orphan the stack. Stop when our
+     * parent goes, as if we had been sent SIGTERM ourselves; the signal is blocked, so it
+     * arrives through the signalfd like any other. */
+    pid_t parent = getppid();
+    if (prctl(PR_SET_PDEATHSIG, SIGTERM) == 0 && getppid() != parent)
+        kill(getpid(), SIGTERM);
     return LC_OK;
 }
 
