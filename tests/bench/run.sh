@@ -2,6 +2,9 @@
 # tests/bench/run.sh BUILD: radpipe's benchmarks, each against a peer measured in the same run
 # on the same data; prints our figure, the peer's and the ratio (ours/peer as a speed-up).
 # The machines are shared and noisy: compare ratios, not absolute times.
+# Benchmarks that need a running stack or a peer service live in their own scripts,
+# tests/bench/bench_<name>.sh BUILD TMP, run after the ones here. BENCH="header body ingest"
+# runs only the named ones (default: all).
 set -eu
 build=${1:-build/release}
 root=$(cd "$(dirname "$0")/../.." && pwd)
@@ -11,7 +14,10 @@ trap 'rm -rf "$tmp"' EXIT
 py=/usr/bin/python3
 samples=${RADPIPE_SAMPLES_DIR:-$root/../shared/dicom-samples}
 [ -d "$samples" ] || samples=/work/shared/dicom-samples
+export RADPIPE_SAMPLES_DIR="$samples"
+want() { case " ${BENCH:-all} " in *" all "* | *" $1 "*) return 0 ;; esac; return 1; }
 
+if want header; then
 echo "== header parsing: lc_dicom (GDCM) vs pydicom dcmread(stop_before_pixels=True)"
 if [ -d "$samples/series" ]; then
 	files=$(find "$samples/series" -type f | sort)
@@ -42,6 +48,9 @@ echo "   ours:    $o files/s ($ours)"
 echo "   pydicom: $p files/s"
 echo "   ratio:   $(echo "$o $p" | awk '{printf "%.1fx", $1 / $2}')"
 
+fi
+
+if want otsu; then
 echo "== Otsu threshold + mask, 512x512x300 float: gpu/ CPU path vs scikit-image"
 ours=$("$build/bench/bench_otsu" "$tmp/vol.f32")
 peer=$($py - "$tmp/vol.f32" <<'PY'
@@ -65,6 +74,9 @@ echo "   ours:    $ours"
 echo "   skimage: $peer"
 echo "   ratio:   $(echo "$o $p" | awk '{printf "%.1fx faster", $2 / $1}')"
 
+fi
+
+if want body; then
 echo "== body pipeline (HU window, Otsu, largest component, holes filled per slice), 512x512x300 CT: gpu-segmenter CPU path vs scikit-image"
 ours=$("$build/bench/bench_body" "$tmp/ct.f32" 3)
 peer=$($py - "$tmp/ct.f32" <<'PY'
@@ -94,3 +106,16 @@ p=$(echo "$peer" | sed 's/.*skimage_ms=\([0-9.]*\).*/\1/')
 echo "   ours:    $ours"
 echo "   skimage: $peer"
 echo "   ratio:   $(echo "$o $p" | awk '{printf "%.1fx faster (target 5x)", $2 / $1}')"
+fi
+
+status=0
+for script in tests/bench/bench_*.sh; do
+	[ -e "$script" ] || continue
+	name=$(basename "$script" .sh)
+	want "${name#bench_}" || continue
+	if ! sh "$script" "$build" "$tmp"; then
+		echo "   FAILED: $script"
+		status=1
+	fi
+done
+exit $status
