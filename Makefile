@@ -209,6 +209,7 @@ deps-bench:
 
 test: deps
 	+$(MAKE) MODE=test tests
+	+$(MAKE) MODE=fuzz fuzz-bins
 	sh tests/run.sh build/test
 
 run: deps
