@@ -70,11 +70,18 @@ typedef struct gw_req gw_req;
 /* A handler sends exactly one response (gw_send_*) and returns its status code. */
 typedef int (*gw_handler)(gw_req *r);
 
+/* The query parameters of a route: a NULL-terminated list of names, NULL for none, or
+ * gw_query_own when the handler checks them itself (QIDO-RS: any DICOM attribute). The
+ * router answers any other parameter the same way on every route: 400 problem+json naming
+ * it (after authentication, before the handler runs). */
+extern const char *const gw_query_own[];
+
 typedef struct gw_route {
     const char *method;  /* "GET", "POST", ... */
     const char *pattern; /* "/api/v1/studies/{uid}": {name} matches one non-empty segment */
     gw_scope scope;      /* GW_SCOPE_NONE: no token needed */
     gw_handler handler;
+    const char *const *query; /* see above */
 } gw_route;
 
 /* The router table (for the dispatcher, docs and the OpenAPI test). */
@@ -344,6 +351,10 @@ int gw_wado_retrieve(gw_req *r);
 int gw_wado_metadata(gw_req *r);
 int gw_wado_frames(gw_req *r);
 int gw_wado_bulk(gw_req *r);
+/* Make the relative BulkDataURIs of DICOM JSON from instance_metadata (the indexer's
+ * "bulk/<tag>[/<item>/<tag>...]", lc/dicom.h) absolute URLs under inst_url (the instance's
+ * WADO-RS URL) that gw_wado_bulk serves; node is changed in place (gw_wado.c). */
+void gw_bulk_uris_absolute(cJSON *node, const char *inst_url);
 /* application/zip bodies of POST /api/v1/instances (gw_zip.c) */
 int gw_zip_post(gw_req *r);
 

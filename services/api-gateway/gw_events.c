@@ -3,7 +3,10 @@
  * gateway tails radpipe.job.status (lc_kafka_tail_new: every partition from its end, nothing
  * committed, so every gateway process sees every event) into a ring of the latest events;
  * each stream is a worker thread that waits on the ring and writes what matches its filter.
- * Reconnecting clients resume with Last-Event-ID while the ring still holds the event.
+ * Reconnecting clients resume with Last-Event-ID while the ring still holds the event. Event
+ * ids are "<epoch>-<sequence>", the epoch random per gw_events (so per process): an id from
+ * another gateway process, or from this one before a restart, is foreign and the stream
+ * starts at the newest event instead of resuming at an unrelated one.
  * Streams end when the client goes away or the gateway drains. The ring is guarded by mu;
  * the consumer thread owns the consumer.
  */
@@ -38,6 +41,7 @@ struct gw_events {
     pthread_mutex_t mu;
     pthread_cond_t cv;
     unsigned long long last; /* sequence number of the newest event */
+    char epoch[17];          /* random hex, fixed at start: the first part of every id */
     ev_slot ring[RING];
     atomic_int clients;
 };
@@ -128,6 +132,11 @@ lc_rc gw_events_start(gw *g, lc_err *err)
     if (!ev)
         return lc_err_set(err, LC_ERR_NOMEM, "out of memory");
     ev->g = g;
+    char uuid[LC_UUID_LEN + 1];
+    lc_uuid_v4(uuid); /* 122 random bits; 16 hex digits of them, dashes left out */
+    for (size_t i = 0, k = 0; uuid[i] && k < sizeof(ev->epoch) - 1; i++)
+        if (uuid[i] != '-' && i != 14) /* 14: the version digit, always 4 */
+            ev->epoch[k++] = uuid[i];
     pthread_mutex_init(&ev->mu, NULL);
     pthread_cond_init(&ev->cv, NULL);
     if (pthread_create(&ev->thread, NULL, consumer_main, ev) != 0) {
@@ -167,18 +176,13 @@ typedef struct out_ev {
 
 int gw_events_stream(gw_req *r)
 {
-    static const char *const allowed[] = {"study_instance_uid", "job_id", NULL};
     gw_events *ev = r->g->events;
-    char study[80] = "", job[64] = "", bad[64], line[64];
+    char study[80] = "", job[64] = "", line[96];
     unsigned long long next;
     int64_t last_write;
 
     gw_db_put(r); /* a stream holds no database connection */
-    if (gw_query_unknown(r, allowed, bad, sizeof(bad)))
-        return gw_send_problem(r, 400, NULL,
-                               "unknown query parameter \"%s\" (known: study_instance_uid, "
-                               "job_id)",
-                               bad);
+    /* unknown query parameters were refused by the router (gw_route.query) */
     int fs = gw_query(r, "study_instance_uid", study, sizeof(study));
     int fj = gw_query(r, "job_id", job, sizeof(job));
     if (fs < 0 || (fs > 0 && !lc_dicom_uid_valid(study)))
@@ -198,12 +202,20 @@ int gw_events_stream(gw_req *r)
 
     pthread_mutex_lock(&ev->mu);
     next = ev->last + 1;
+    /* "<epoch>-<seq>" of this process: resume after it while the ring still holds everything
+     * that followed; any other id (another gateway, an earlier process) starts at the end */
     const char *lei = gw_header_get(r, "Last-Event-ID");
-    if (lei && *lei && strspn(lei, "0123456789") == strlen(lei) && strlen(lei) < 20) {
-        unsigned long long want = strtoull(lei, NULL, 10) + 1;
-        /* resume when the ring still holds everything after it */
-        if (want <= ev->last + 1 && (ev->last < RING || want > ev->last - RING))
-            next = want;
+    size_t el = strlen(ev->epoch);
+    int foreign = lei && *lei;
+    if (foreign && strncmp(lei, ev->epoch, el) == 0 && lei[el] == '-') {
+        const char *num = lei + el + 1;
+        size_t nl = strlen(num);
+        if (nl > 0 && nl < 20 && strspn(num, "0123456789") == nl) {
+            unsigned long long want = strtoull(num, NULL, 10) + 1;
+            foreign = 0;
+            if (want <= ev->last + 1 && (ev->last < RING || want > ev->last - RING))
+                next = want;
+        }
     }
     pthread_mutex_unlock(&ev->mu);
 
@@ -211,6 +223,11 @@ int gw_events_stream(gw_req *r)
     gw_send_head(r, 200, "text/event-stream; charset=utf-8", -1, h);
     static const char hello[] = ": radpipe job events\nretry: 3000\n\n";
     gw_write(r, hello, sizeof(hello) - 1);
+    if (foreign) {
+        static const char note[] = ": Last-Event-ID is not from this gateway process: "
+                                   "starting with the next event\n\n";
+        gw_write(r, note, sizeof(note) - 1);
+    }
     last_write = lc_now_ms();
     while (!r->gone && !atomic_load(&r->g->draining) && !atomic_load(&ev->stop)) {
         out_ev batch[64];
@@ -239,8 +256,8 @@ int gw_events_stream(gw_req *r)
         pthread_mutex_unlock(&ev->mu);
         for (int i = 0; i < nb; i++) {
             if (batch[i].data && !r->gone) {
-                int k = snprintf(line, sizeof(line), "id: %llu\nevent: job.status\ndata: ",
-                                 batch[i].seq);
+                int k = snprintf(line, sizeof(line),
+                                 "id: %s-%llu\nevent: job.status\ndata: ", ev->epoch, batch[i].seq);
                 gw_write(r, line, (size_t)k);
                 gw_write(r, batch[i].data, strlen(batch[i].data));
                 gw_write(r, "\n\n", 2);

@@ -3,7 +3,9 @@
  * POST /api/v1/studies/{uid}/jobs (create: 202 with the job), POST .../retry and .../cancel
  * (guarded transitions of lc/jobs.h, 409 when the state does not allow them) and
  * GET /api/v1/jobs/{id}/artifacts/{name} (streamed from the store, single byte ranges per
- * RFC 9110). Job parameters are passed through to the workers, which validate them.
+ * RFC 9110). Job parameters are passed through to the workers, which validate them. An
+ * Idempotency-Key header makes a create safe to retry after an ambiguous failure (a 503 or a
+ * lost answer after the commit): the same key answers the job created the first time.
  * Runs on worker threads, state per request.
  */
 #include <stdio.h>
@@ -68,20 +70,13 @@ int gw_jobs_get(gw_req *r)
 
 int gw_jobs_list(gw_req *r)
 {
-    static const char *const allowed[] = {"limit", "offset", "state", "kind",
-                                          "study_instance_uid", NULL};
-    char state[32], kind[32], study[80], bad[64], lim[24], off[24];
+    char state[32], kind[32], study[80], lim[24], off[24];
     const char *p[5] = {NULL};
     long long limit, offset;
     lc_db *db = NULL;
     PGresult *res = NULL;
     lc_err err = {0};
 
-    if (gw_query_unknown(r, allowed, bad, sizeof(bad)))
-        return gw_send_problem(r, 400, NULL,
-                               "unknown query parameter \"%s\" (known: limit, offset, state, "
-                               "kind, study_instance_uid)",
-                               bad);
     if (gw_query_int(r, "limit", 100, 1, 1000, &limit) != 0 ||
         gw_query_int(r, "offset", 0, 0, 1000000000LL, &offset) != 0)
         return 400;
@@ -179,6 +174,10 @@ static int read_json_object(gw_req *r, cJSON **out)
 /* The only members allowed in a body object; answers 400 for others. */
 static int members_known(gw_req *r, const cJSON *o, const char *const *allowed)
 {
+    if (!o) {
+        gw_send_problem(r, 400, NULL, "the body is not a JSON object");
+        return 0;
+    }
     for (const cJSON *c = o->child; c; c = c->next) {
         int ok = 0;
         for (const char *const *a = allowed; *a && !ok; a++)
@@ -196,8 +195,10 @@ typedef struct create_ctx {
     gw_req *r;
     const char *kind, *study;
     const cJSON *params;
+    const char *dedupe_key; /* from Idempotency-Key; NULL without one */
     char id[37];
-    int exists; /* the study is known */
+    int exists;  /* the study is known */
+    int created; /* a new job (0: the Idempotency-Key's earlier job) */
 } create_ctx;
 
 static lc_rc create_tx(lc_db *db, void *arg, lc_err *err)
@@ -205,7 +206,6 @@ static lc_rc create_tx(lc_db *db, void *arg, lc_err *err)
     create_ctx *c = arg;
     PGresult *res = NULL;
     const char *p[1] = {c->study};
-    int created = 0;
     lc_rc rc = lc_db_exec(db, "SELECT 1 FROM studies WHERE study_uid = $1", 1, p, &res, err);
     if (rc != LC_OK)
         return rc;
@@ -214,7 +214,54 @@ static lc_rc create_tx(lc_db *db, void *arg, lc_err *err)
     if (!c->exists)
         return LC_OK;
     return lc_job_create(db, c->r->g->deps.topic_prefix, c->r->g->deps.source, c->kind, c->study,
-                         c->params, NULL, JOB_MAX_ATTEMPTS, c->id, &created, err);
+                         c->params, c->dedupe_key, JOB_MAX_ATTEMPTS, c->id, &c->created, err);
+}
+
+/* Idempotency-Key (draft-ietf-httpapi-idempotency-key-header): 1 to 255 visible ASCII
+ * characters, optionally a quoted string. The job's dedupe key is scoped to the token, so two
+ * clients cannot collide: "api-idem:" + SHA-256 of token id and key. Returns 0 and fills out
+ * ("" without the header), or sends 400 and returns its status. */
+static int idempotency_key(gw_req *r, char out[80])
+{
+    const char *h = gw_header_get(r, "Idempotency-Key");
+    char key[256], hex[65], *scoped = NULL;
+    out[0] = '\0';
+    if (!h)
+        return 0;
+    size_t n = strlen(h);
+    if (n >= 2 && h[0] == '"' && h[n - 1] == '"') {
+        h++;
+        n -= 2;
+    }
+    int ok = n >= 1 && n < sizeof(key);
+    for (size_t i = 0; ok && i < n; i++)
+        ok = h[i] > 0x20 && h[i] < 0x7f && h[i] != '"';
+    if (!ok)
+        return gw_send_problem(r, 400, NULL,
+                               "the Idempotency-Key header must be 1 to 255 visible ASCII "
+                               "characters");
+    memcpy(key, h, n);
+    key[n] = '\0';
+    if (asprintf(&scoped, "%s\n%s", r->token_id, key) < 0)
+        return gw_send_problem(r, 500, NULL, "out of memory");
+    lc_sha256_hex(scoped, strlen(scoped), hex);
+    free(scoped);
+    snprintf(out, 80, "api-idem:%s", hex);
+    return 0;
+}
+
+/* 1 when the job (as job_json gives it) is what this request asks for. */
+static int same_request(const cJSON *job, const char *kind, const char *study, const cJSON *params)
+{
+    const char *k = cJSON_GetStringValue(cJSON_GetObjectItemCaseSensitive(job, "kind"));
+    const char *s =
+        cJSON_GetStringValue(cJSON_GetObjectItemCaseSensitive(job, "study_instance_uid"));
+    const cJSON *p = cJSON_GetObjectItemCaseSensitive(job, "params");
+    cJSON *empty = params ? NULL : cJSON_CreateObject();
+    int same = k && s && strcmp(k, kind) == 0 && strcmp(s, study) == 0 &&
+               cJSON_Compare(p, params ? params : empty, 1);
+    cJSON_Delete(empty);
+    return same;
 }
 
 int gw_jobs_create(gw_req *r)
@@ -224,11 +271,14 @@ int gw_jobs_create(gw_req *r)
     cJSON *body = NULL, *job = NULL;
     lc_db *db = NULL;
     lc_err err = {0};
+    char idem[80];
     int status;
 
     if (!study || !lc_dicom_uid_valid(study))
         return gw_send_problem(r, 400, NULL, "\"%.80s\" is not a valid StudyInstanceUID",
                                study ? study : "");
+    if ((status = idempotency_key(r, idem)) != 0)
+        return status;
     gw_db_put(r);
     if ((status = read_json_object(r, &body)) != 0)
         return status;
@@ -246,24 +296,48 @@ int gw_jobs_create(gw_req *r)
         cJSON_Delete(body);
         return gw_send_problem(r, 400, NULL, "\"params\" must be a JSON object");
     }
-    create_ctx c = {.r = r, .kind = kind, .study = study, .params = params};
+    create_ctx c = {.r = r,
+                    .kind = kind,
+                    .study = study,
+                    .params = params,
+                    .dedupe_key = idem[0] ? idem : NULL};
     if (gw_db(r, &db, &err) != LC_OK || lc_db_tx(db, 3, create_tx, &c, &err) != LC_OK) {
         cJSON_Delete(body);
         return gw_send_unavailable(r, "the database", &err);
     }
-    cJSON_Delete(body);
-    if (!c.exists)
+    if (!c.exists) {
+        cJSON_Delete(body);
         return gw_send_problem(r, 404, NULL, "no study with StudyInstanceUID %s", study);
-    if (job_json(r, c.id, &job, &err) != LC_OK || !job)
+    }
+    if (job_json(r, c.id, &job, &err) != LC_OK || !job) {
+        cJSON_Delete(body);
         return gw_send_unavailable(r, "the database", &err);
-    lc_log_info("job created", LC_LS("job_id", c.id), LC_LS("kind", kind),
-                LC_LS("token", r->token_name));
+    }
+    /* a replay under an Idempotency-Key answers the earlier job, unless the key now comes
+     * with another request */
+    if (!c.created && !same_request(job, kind, study, params)) {
+        cJSON_Delete(body);
+        cJSON_Delete(job);
+        return gw_send_problem(r, 422, NULL,
+                               "this Idempotency-Key was used for job %s, which was created "
+                               "with another kind, study or params",
+                               c.id);
+    }
+    if (c.created)
+        lc_log_info("job created", LC_LS("job_id", c.id), LC_LS("kind", kind),
+                    LC_LS("token", r->token_name));
+    else
+        lc_log_info("job create replayed", LC_LS("job_id", c.id), LC_LS("kind", kind),
+                    LC_LS("token", r->token_name));
+    cJSON_Delete(body); /* kind and params pointed into it */
     char loc[80];
     snprintf(loc, sizeof(loc), "/api/v1/jobs/%s", c.id);
     char *s = cJSON_PrintUnformatted(job);
     cJSON_Delete(job);
-    if (!s)
-        return gw_send_problem(r, 500, NULL, "out of memory");
+    if (!s) { /* the job exists: a retry with the same Idempotency-Key answers it */
+        static const gw_header ra[] = {{"Retry-After", "5"}, {NULL, NULL}};
+        return gw_send_problem(r, 503, ra, "the server is out of memory; retry later");
+    }
     const gw_header h[] = {{"Location", loc}, {NULL, NULL}};
     status = gw_send(r, 202, "application/json", s, strlen(s), h);
     free(s);
@@ -280,8 +354,6 @@ static int transition(gw_req *r, int cancel)
 
     if (!id || !lc_uuid_valid(id))
         return gw_send_problem(r, 400, NULL, "\"%.80s\" is not a job id (a UUID)", id ? id : "");
-    if (gw_query_unknown(r, (const char *const[]){NULL}, reason, sizeof(reason)))
-        return gw_send_problem(r, 400, NULL, "unknown query parameter \"%s\"", reason);
     snprintf(reason, sizeof(reason), "cancelled through the API by \"%.64s\"", r->token_name);
     lc_rc rc = gw_db(r, &db, &err);
     if (rc == LC_OK)

@@ -491,8 +491,9 @@ lc_rc gw_qido_parse(const char *qs, gw_qido_level level, const char *study_uid,
                                 name);
             else
                 rc = lc_err_set(err, LC_ERR_INVALID,
-                                "unknown query parameter \"%.64s\" (a DICOM keyword or tag, "
-                                "includefield, limit, offset or fuzzymatching)",
+                                "unknown query parameter \"%.64s\": this resource takes DICOM "
+                                "attribute keywords or tags, includefield, limit, offset and "
+                                "fuzzymatching",
                                 name);
             goto out;
         }

@@ -76,7 +76,7 @@ typedef struct gw_qido_query {
     long long limit; /* 1..GW_QIDO_MAX_LIMIT */
     int limit_lowered; /* the client asked for more than GW_QIDO_MAX_LIMIT */
     long long offset;
-    int fuzzy;
+    int fuzzy; /* fuzzymatching=true: matching stays literal, a Warning header says so */
 } gw_qido_query;
 
 /* Resolve a DICOM keyword that is not in the table (for includefield), e.g. through GDCM's

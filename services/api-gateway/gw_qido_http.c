@@ -3,7 +3,8 @@
  * /dicomweb, answered as application/dicom+json (PS3.18 Annex F) with the attributes each
  * level requires (gw_qido.c decides which, and builds the SQL). PN values are split into their
  * Alphabetic/Ideographic/Phonetic groups, IS and US values become JSON numbers, multi-valued
- * strings JSON arrays. More results than the limit: a Warning header says so.
+ * strings JSON arrays. More results than the limit, or fuzzymatching=true (accepted, but
+ * matching stays literal): a Warning header says so.
  * Per-request state on a worker thread.
  */
 #include <stdio.h>
@@ -97,6 +98,15 @@ static void element(gw_buf *b, unsigned tag, const char *vr, const char *v)
     gw_buf_adds(b, "}");
 }
 
+/* 1 when the DICOM JSON holds a BulkDataURI anywhere. */
+static int has_bulk(const cJSON *node)
+{
+    for (const cJSON *c = node ? node->child : NULL; c; c = c->next)
+        if ((c->string && strcmp(c->string, "BulkDataURI") == 0) || has_bulk(c))
+            return 1;
+    return 0;
+}
+
 static const char *col(PGresult *res, int row, int c)
 {
     if (c < 0 || PQgetisnull(res, row, c))
@@ -158,13 +168,27 @@ static void render_row(gw_buf *b, const gw_qido_query *q, const gw_qido_sql *s, 
         element(b, at->tag, at->vr, v);
         first = 0;
     }
-    /* includefield attributes outside the index: from an instance's stored header */
+    /* includefield attributes outside the index: from an instance's stored header. Their
+     * BulkDataURIs are made fetchable at the instance level; above it the header is one
+     * instance's among many, so elements with bulk data are left out there. */
     const char *md = s->md_col >= 0 ? col(res, row, s->md_col) : NULL;
     cJSON *j = md ? cJSON_Parse(md) : NULL;
+    char inst_url[800] = "";
+    if (j && q->level == GW_QIDO_INSTANCE) {
+        const char *u[3] = {col(res, row, s->col[gw_qido_attr_index(0x0020000D)]),
+                            col(res, row, s->col[gw_qido_attr_index(0x0020000E)]),
+                            col(res, row, s->col[gw_qido_attr_index(0x00080018)])};
+        snprintf(inst_url, sizeof(inst_url), "%s/dicomweb/studies/%s/series/%s/instances/%s", base,
+                 u[0] ? u[0] : "", u[1] ? u[1] : "", u[2] ? u[2] : "");
+    }
     for (int e = 0; j && e < q->nextra; e++) {
         char key[9];
         snprintf(key, sizeof(key), "%08X", q->extra[e]);
         cJSON *item = cJSON_GetObjectItemCaseSensitive(j, key);
+        if (item && q->level == GW_QIDO_INSTANCE)
+            gw_bulk_uris_absolute(item, inst_url);
+        else if (item && has_bulk(item))
+            continue;
         char *text = item ? cJSON_PrintUnformatted(item) : NULL;
         if (text) {
             gw_buf_addf(b, "%s\"%s\":", first ? "" : ",", key);
@@ -229,11 +253,18 @@ static int qido(gw_req *r, gw_qido_level level)
         status = gw_send_problem(r, 500, NULL, "out of memory");
         goto out;
     }
-    static const gw_header warn[] = {
-        {"Warning", "299 - \"There are additional results that can be requested\""},
-        {NULL, NULL}};
+    /* PS3.18 8.3.4: Warning header fields for truncated results and for fuzzymatching=true,
+     * which this origin server does not support (matching is always literal) */
+    gw_header warn[3] = {{NULL, NULL}, {NULL, NULL}, {NULL, NULL}};
+    int nw = 0;
+    if (more || (q.limit_lowered && rows == q.limit))
+        warn[nw++] =
+            (gw_header){"Warning", "299 - \"There are additional results that can be requested\""};
+    if (q.fuzzy)
+        warn[nw++] = (gw_header){"Warning", "299 - \"The fuzzymatching parameter is not supported. "
+                                            "Only literal matching has been performed.\""};
     status = gw_send(r, 200, media == 0 ? "application/dicom+json" : "application/json", body,
-                     out.len, more || (q.limit_lowered && rows == q.limit) ? warn : NULL);
+                     out.len, warn);
 out:
     PQclear(res);
     gw_buf_free(&out);

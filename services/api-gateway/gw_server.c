@@ -65,44 +65,63 @@ const lc_cfg_var gw_cfg_vars[] = {
 };
 const size_t gw_cfg_nvars = sizeof(gw_cfg_vars) / sizeof(gw_cfg_vars[0]);
 
+/* Query parameters of the routes that take some (gw_route.query). */
+const char *const gw_query_own[] = {NULL};
+static const char *const q_studies[] = {"limit",
+                                        "offset",
+                                        "patient_id",
+                                        "patient_name",
+                                        "modality",
+                                        "accession_number",
+                                        "study_date",
+                                        "study_date_from",
+                                        "study_date_to",
+                                        "sort",
+                                        NULL};
+static const char *const q_jobs[] = {"limit", "offset", "state", "kind", "study_instance_uid",
+                                     NULL};
+static const char *const q_events[] = {"study_instance_uid", "job_id", NULL};
+#define QOWN gw_query_own
+
 /* Adding a route is one line here (and one in proto/openapi.yaml: a test checks both). */
 static const gw_route routes[] = {
     /* REST API */
-    {"POST", "/api/v1/instances", GW_SCOPE_WRITE, gw_instances_post},
-    {"GET", "/api/v1/studies", GW_SCOPE_READ, gw_studies_list},
-    {"GET", "/api/v1/studies/{uid}", GW_SCOPE_READ, gw_studies_get},
-    {"POST", "/api/v1/studies/{uid}/complete", GW_SCOPE_WRITE, gw_studies_complete},
-    {"POST", "/api/v1/studies/{uid}/jobs", GW_SCOPE_WRITE, gw_jobs_create},
-    {"GET", "/api/v1/jobs", GW_SCOPE_READ, gw_jobs_list},
-    {"GET", "/api/v1/jobs/{id}", GW_SCOPE_READ, gw_jobs_get},
-    {"POST", "/api/v1/jobs/{id}/retry", GW_SCOPE_WRITE, gw_jobs_retry},
-    {"POST", "/api/v1/jobs/{id}/cancel", GW_SCOPE_WRITE, gw_jobs_cancel},
-    {"GET", "/api/v1/jobs/{id}/artifacts/{name}", GW_SCOPE_READ, gw_jobs_artifact},
-    {"GET", "/api/v1/events", GW_SCOPE_READ, gw_events_stream},
+    {"POST", "/api/v1/instances", GW_SCOPE_WRITE, gw_instances_post, NULL},
+    {"GET", "/api/v1/studies", GW_SCOPE_READ, gw_studies_list, q_studies},
+    {"GET", "/api/v1/studies/{uid}", GW_SCOPE_READ, gw_studies_get, NULL},
+    {"POST", "/api/v1/studies/{uid}/complete", GW_SCOPE_WRITE, gw_studies_complete, NULL},
+    {"POST", "/api/v1/studies/{uid}/jobs", GW_SCOPE_WRITE, gw_jobs_create, NULL},
+    {"GET", "/api/v1/jobs", GW_SCOPE_READ, gw_jobs_list, q_jobs},
+    {"GET", "/api/v1/jobs/{id}", GW_SCOPE_READ, gw_jobs_get, NULL},
+    {"POST", "/api/v1/jobs/{id}/retry", GW_SCOPE_WRITE, gw_jobs_retry, NULL},
+    {"POST", "/api/v1/jobs/{id}/cancel", GW_SCOPE_WRITE, gw_jobs_cancel, NULL},
+    {"GET", "/api/v1/jobs/{id}/artifacts/{name}", GW_SCOPE_READ, gw_jobs_artifact, NULL},
+    {"GET", "/api/v1/events", GW_SCOPE_READ, gw_events_stream, q_events},
     /* DICOMweb: STOW-RS, QIDO-RS, WADO-RS (PS3.18) */
-    {"POST", "/dicomweb/studies", GW_SCOPE_WRITE, gw_stow},
-    {"GET", "/dicomweb/studies", GW_SCOPE_READ, gw_qido_studies},
-    {"POST", "/dicomweb/studies/{study}", GW_SCOPE_WRITE, gw_stow},
-    {"GET", "/dicomweb/studies/{study}", GW_SCOPE_READ, gw_wado_retrieve},
-    {"GET", "/dicomweb/studies/{study}/metadata", GW_SCOPE_READ, gw_wado_metadata},
-    {"GET", "/dicomweb/studies/{study}/series", GW_SCOPE_READ, gw_qido_series},
-    {"GET", "/dicomweb/studies/{study}/instances", GW_SCOPE_READ, gw_qido_instances},
-    {"GET", "/dicomweb/studies/{study}/series/{series}", GW_SCOPE_READ, gw_wado_retrieve},
-    {"GET", "/dicomweb/studies/{study}/series/{series}/metadata", GW_SCOPE_READ,
-     gw_wado_metadata},
-    {"GET", "/dicomweb/studies/{study}/series/{series}/instances", GW_SCOPE_READ,
-     gw_qido_instances},
+    {"POST", "/dicomweb/studies", GW_SCOPE_WRITE, gw_stow, NULL},
+    {"GET", "/dicomweb/studies", GW_SCOPE_READ, gw_qido_studies, QOWN},
+    {"POST", "/dicomweb/studies/{study}", GW_SCOPE_WRITE, gw_stow, NULL},
+    {"GET", "/dicomweb/studies/{study}", GW_SCOPE_READ, gw_wado_retrieve, NULL},
+    {"GET", "/dicomweb/studies/{study}/metadata", GW_SCOPE_READ, gw_wado_metadata, NULL},
+    {"GET", "/dicomweb/studies/{study}/series", GW_SCOPE_READ, gw_qido_series, QOWN},
+    {"GET", "/dicomweb/studies/{study}/instances", GW_SCOPE_READ, gw_qido_instances, QOWN},
+    {"GET", "/dicomweb/studies/{study}/series/{series}", GW_SCOPE_READ, gw_wado_retrieve, NULL},
+    {"GET", "/dicomweb/studies/{study}/series/{series}/metadata", GW_SCOPE_READ, gw_wado_metadata,
+     NULL},
+    {"GET", "/dicomweb/studies/{study}/series/{series}/instances", GW_SCOPE_READ, gw_qido_instances,
+     QOWN},
     {"GET", "/dicomweb/studies/{study}/series/{series}/instances/{instance}", GW_SCOPE_READ,
-     gw_wado_retrieve},
+     gw_wado_retrieve, NULL},
     {"GET", "/dicomweb/studies/{study}/series/{series}/instances/{instance}/metadata",
-     GW_SCOPE_READ, gw_wado_metadata},
+     GW_SCOPE_READ, gw_wado_metadata, NULL},
     {"GET", "/dicomweb/studies/{study}/series/{series}/instances/{instance}/frames/{frames}",
-     GW_SCOPE_READ, gw_wado_frames},
+     GW_SCOPE_READ, gw_wado_frames, NULL},
     {"GET", "/dicomweb/studies/{study}/series/{series}/instances/{instance}/bulk/{tag}",
-     GW_SCOPE_READ, gw_wado_bulk},
-    {"GET", "/dicomweb/series", GW_SCOPE_READ, gw_qido_series},
-    {"GET", "/dicomweb/instances", GW_SCOPE_READ, gw_qido_instances},
+     GW_SCOPE_READ, gw_wado_bulk, NULL},
+    {"GET", "/dicomweb/series", GW_SCOPE_READ, gw_qido_series, QOWN},
+    {"GET", "/dicomweb/instances", GW_SCOPE_READ, gw_qido_instances, QOWN},
 };
+#undef QOWN
 static const size_t nroutes = sizeof(routes) / sizeof(routes[0]);
 
 const char *const gw_admin_paths[] = {"/healthz", "/readyz", "/metrics"};
@@ -349,6 +368,26 @@ static int preflight(gw_req *r, const char *allow)
     return gw_send(r, 204, NULL, NULL, 0, h);
 }
 
+/* The one answer to a query parameter the route does not take (gw_route.query): 400 naming
+ * it and the parameters the route does take. 0 when every parameter is known. */
+static int query_check(gw_req *r)
+{
+    const char *const *allowed = r->route->query ? r->route->query : (const char *const[]){NULL};
+    char bad[64], known[256] = "";
+    if (allowed == gw_query_own || !gw_query_unknown(r, allowed, bad, sizeof(bad)))
+        return 0;
+    for (const char *const *a = allowed; *a; a++)
+        snprintf(known + strlen(known), sizeof(known) - strlen(known), "%s%s",
+                 a == allowed ? "" : ", ", *a);
+    if (!known[0])
+        return gw_send_problem(r, 400, NULL,
+                               "unknown query parameter \"%s\": this resource takes no query "
+                               "parameters",
+                               bad);
+    return gw_send_problem(r, 400, NULL, "unknown query parameter \"%s\": this resource takes %s",
+                           bad, known);
+}
+
 static int router(struct mg_connection *conn, void *cbdata)
 {
     gw *g = cbdata;
@@ -396,8 +435,9 @@ static int router(struct mg_connection *conn, void *cbdata)
         const gw_header h[] = {{"Allow", allow}, {NULL, NULL}};
         status = gw_send_problem(&r, 405, h, "method %.16s is not allowed here (allowed: %s)",
                                  method, allow);
-    } else if (r.route->scope == GW_SCOPE_NONE ||
-               (status = gw_auth_require(&r, r.route->scope)) == 0) {
+    } else if ((r.route->scope == GW_SCOPE_NONE ||
+                (status = gw_auth_require(&r, r.route->scope)) == 0) &&
+               (status = query_check(&r)) == 0) {
         status = r.route->handler(&r);
     }
     if (!r.sent) {

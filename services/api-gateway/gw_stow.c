@@ -205,7 +205,7 @@ int gw_stow(gw_req *r)
     lc_err err = {0};
     char detail[700] = "";
     const char *down = NULL;
-    int code = 0, accepted = 0, status;
+    int code = 0, accepted = 0, oom = 0, status;
     char *json = NULL;
     lc_rc rc;
 
@@ -237,7 +237,10 @@ int gw_stow(gw_req *r)
                               .max_preamble_bytes = MAX_PREAMBLE_BYTES};
     const gw_mp_callbacks cb = {part_begin, part_data, part_end};
     if ((rc = gw_mp_new(mct.boundary, &lim, &cb, &c, &c.mp, &err)) != LC_OK) {
-        code = rc == LC_ERR_INVALID ? 400 : 503;
+        if (rc == LC_ERR_INVALID)
+            code = 400;
+        else
+            oom = 1;
         snprintf(detail, sizeof(detail), "%s", lc_err_msg(&err));
         goto out;
     }
@@ -254,6 +257,9 @@ int gw_stow(gw_req *r)
             break;
         case LC_ERR_UNSUPPORTED:
             code = 415;
+            break;
+        case LC_ERR_NOMEM:
+            oom = 1;
             break;
         default:
             down = "the spool directory";
@@ -294,8 +300,12 @@ out:
         return gw_send_unavailable(r, down, &err);
     if (code)
         return gw_send_problem(r, code, NULL, "%s", detail);
-    if (!json)
-        return gw_send_problem(r, 500, NULL, "out of memory");
+    if (oom || !json) {
+        /* transient: a retry stores the same objects again, which changes nothing */
+        static const gw_header h[] = {{"Retry-After", "5"}, {NULL, NULL}};
+        lc_log_warn("stow-rs: out of memory", LC_LI("instances", c.n));
+        return gw_send_problem(r, 503, h, "the server is out of memory; retry later");
+    }
     status = accepted == c.n ? 200 : accepted ? 202 : 409;
     gw_send(r, status, media == 0 ? "application/dicom+json" : "application/json", json,
             strlen(json), NULL);

@@ -115,12 +115,8 @@ static int date_filter(gw_req *r, const char *name, char *buf, size_t cap, const
 
 int gw_studies_list(gw_req *r)
 {
-    static const char *const allowed[] = {"limit",          "offset",          "patient_id",
-                                          "modality",       "study_date",      "patient_name",
-                                          "accession_number", "study_date_from", "study_date_to",
-                                          "sort",           NULL};
     char pid[256], mod[64], date[16], name[256], like[520], acc[64], from[16], to[16], sort[32];
-    char bad[64], lim[24], off[24];
+    char lim[24], off[24];
     const char *p[NFILTERS + 2] = {NULL}, *nm = NULL, *srt = NULL, *order = sorts[0].desc;
     long long limit, offset;
     lc_db *db = NULL;
@@ -128,12 +124,7 @@ int gw_studies_list(gw_req *r)
     lc_err err = {0};
     gw_buf sql = {0};
 
-    if (gw_query_unknown(r, allowed, bad, sizeof(bad)))
-        return gw_send_problem(r, 400, NULL,
-                               "unknown query parameter \"%s\" (known: limit, offset, patient_id, "
-                               "patient_name, modality, accession_number, study_date, "
-                               "study_date_from, study_date_to, sort)",
-                               bad);
+    /* unknown query parameters were refused by the router (gw_route.query) */
     if (gw_query_int(r, "limit", 100, 1, 1000, &limit) != 0 ||
         gw_query_int(r, "offset", 0, 0, 1000000000LL, &offset) != 0 ||
         text_filter(r, "patient_id", pid, sizeof(pid), &p[0]) != 0 ||
@@ -225,6 +216,40 @@ static lc_rc close_tx(lc_db *db, void *arg, lc_err *err)
     return lc_outbox_add_event(db, c->prefix, LC_TOPIC_STUDY_CLOSE, c->ev, err);
 }
 
+/* proto/events/study.close.json: data.reason has maxLength 256, which JSON Schema counts in
+ * characters (code points), not bytes */
+#define CLOSE_REASON_MAX 256
+
+/* Code points of a UTF-8 string, -1 when it is not valid UTF-8 (cJSON passes the bytes of
+ * a JSON string through unchecked). Overlong forms and surrogates are not valid. */
+static long utf8_chars(const char *s)
+{
+    const unsigned char *p = (const unsigned char *)s;
+    long n = 0;
+    while (*p) {
+        unsigned c = *p;
+        int len = c < 0x80             ? 1
+                  : (c & 0xE0) == 0xC0 ? 2
+                  : (c & 0xF0) == 0xE0 ? 3
+                  : (c & 0xF8) == 0xF0 ? 4
+                                       : 0;
+        unsigned cp = len == 1 ? c : len == 2 ? c & 0x1F : len == 3 ? c & 0x0F : c & 0x07;
+        if (!len)
+            return -1;
+        for (int i = 1; i < len; i++) {
+            if ((p[i] & 0xC0) != 0x80)
+                return -1;
+            cp = (cp << 6) | (p[i] & 0x3F);
+        }
+        if ((len == 2 && cp < 0x80) || (len == 3 && cp < 0x800) || (len == 4 && cp < 0x10000) ||
+            cp > 0x10FFFF || (cp >= 0xD800 && cp <= 0xDFFF))
+            return -1;
+        p += len;
+        n++;
+    }
+    return n;
+}
+
 typedef struct small_body {
     char buf[4097];
     size_t len;
@@ -283,6 +308,17 @@ int gw_studies_complete(gw_req *r)
             goto out;
         }
         reason = c ? c->valuestring : NULL;
+        long chars = reason ? utf8_chars(reason) : 0;
+        if (chars < 0) {
+            status = gw_send_problem(r, 400, NULL, "\"reason\" is not valid UTF-8");
+            goto out;
+        }
+        if (chars > CLOSE_REASON_MAX) {
+            status = gw_send_problem(r, 400, NULL,
+                                     "\"reason\" is %ld characters long: at most %d are allowed",
+                                     chars, CLOSE_REASON_MAX);
+            goto out;
+        }
     }
     if (!(data = cJSON_CreateObject()) ||
         !cJSON_AddStringToObject(data, "study_instance_uid", uid) ||

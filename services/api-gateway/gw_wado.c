@@ -3,7 +3,8 @@
  * multipart/related; type="application/dicom", streamed from the object store part by part
  * (chunked: nothing is held in memory); metadata of all three levels as DICOM JSON from
  * instance_metadata, with relative BulkDataURIs made absolute and Pixel Data added as bulk
- * data; frames of uncompressed instances and single bulk data elements as
+ * data; frames of uncompressed instances and single bulk data elements (top level, or inside
+ * sequence items: every BulkDataURI the metadata hands out) as
  * multipart/related; type="application/octet-stream", read with ranged reads after
  * gw_dcmwalk.c located the element. The stored transfer syntax is served as is: an Accept
  * that asks for another one gets 406. Per-request state on a worker thread.
@@ -178,16 +179,27 @@ static const char meta_sql[] =
     "SELECT i.sop_uid, i.series_uid, m.json::text, coalesce(nullif(i.transfer_syntax_uid, ''), "
     "'" TS_IMPLICIT "'), i.rows, i.bits_allocated, i.sop_class_uid, i.study_uid"
     " FROM instances i LEFT JOIN instance_metadata m ON m.sop_uid = i.sop_uid" SCOPE_WHERE
-    SCOPE_ORDER " LIMIT 200 OFFSET $4::bigint";
+        SCOPE_ORDER " LIMIT $5::bigint OFFSET $4::bigint";
 
-/* Relative BulkDataURIs ("bulk/<tag>...", as the indexer stores them) made absolute. */
-static void absolutize(cJSON *node, const char *inst_url)
+/* Relative BulkDataURIs made absolute (gw.h). The indexer stores "bulk/<tag>" for top-level
+ * elements and "bulk/<seq>/<item>/<tag>..." for elements inside sequence items (lc/dicom.h);
+ * the gateway serves both at one path segment, .../bulk/<seq>.<item>.<tag>... (gw_wado_bulk),
+ * so every URI handed out here can be fetched. */
+void gw_bulk_uris_absolute(cJSON *node, const char *inst_url)
 {
     for (cJSON *c = node ? node->child : NULL; c; c = c->next) {
         if (cJSON_IsString(c) && c->string && strcmp(c->string, "BulkDataURI") == 0 &&
             !strstr(c->valuestring, "://") && c->valuestring[0] != '/') {
             gw_buf u = {0};
-            gw_buf_addf(&u, "%s/%s", inst_url, c->valuestring);
+            gw_buf_addf(&u, "%s/", inst_url);
+            const char *rel = c->valuestring;
+            if (strncmp(rel, "bulk/", 5) == 0) {
+                gw_buf_adds(&u, "bulk/");
+                for (const char *p = rel + 5; *p; p++)
+                    gw_buf_add(&u, *p == '/' ? "." : p, 1);
+            } else {
+                gw_buf_adds(&u, rel);
+            }
             const char *v = gw_buf_cstr(&u);
             if (v) {
                 char *dup = strdup(v);
@@ -198,7 +210,7 @@ static void absolutize(cJSON *node, const char *inst_url)
             }
             gw_buf_free(&u);
         } else if (cJSON_IsObject(c) || cJSON_IsArray(c)) {
-            absolutize(c, inst_url);
+            gw_bulk_uris_absolute(c, inst_url);
         }
     }
 }
@@ -232,7 +244,7 @@ static char *instance_metadata(PGresult *res, int i, const char *base)
     put_uid(j, "00080018", sop);
     put_uid(j, "0020000D", study);
     put_uid(j, "0020000E", series);
-    absolutize(j, url);
+    gw_bulk_uris_absolute(j, url);
     /* Pixel Data is never stored in the metadata: point at it as bulk data */
     if (!PQgetisnull(res, i, 4) && !cJSON_GetObjectItemCaseSensitive(j, "7FE00010")) {
         int uncompressed = strcmp(ts, TS_IMPLICIT) == 0 || strcmp(ts, TS_EXPLICIT) == 0;
@@ -252,7 +264,7 @@ int gw_wado_metadata(gw_req *r)
 {
     static const char *const medias[] = {"application/dicom+json", "application/json", NULL};
     const char *study, *series, *sop;
-    char base[600], off[24];
+    char base[600], off[24], page[24];
     lc_db *db = NULL;
     PGresult *res = NULL;
     lc_err err = {0};
@@ -265,10 +277,11 @@ int gw_wado_metadata(gw_req *r)
     if (media < 0)
         return gw_send_problem(r, 406, NULL, "metadata is available as application/dicom+json");
     gw_base_url(r, base, sizeof(base));
+    snprintf(page, sizeof(page), "%d", META_PAGE);
     for (;;) {
         snprintf(off, sizeof(off), "%lld", offset);
-        const char *p[4] = {study, series, sop, off};
-        if (gw_db(r, &db, &err) != LC_OK || lc_db_exec(db, meta_sql, 4, p, &res, &err) != LC_OK) {
+        const char *p[5] = {study, series, sop, off, page};
+        if (gw_db(r, &db, &err) != LC_OK || lc_db_exec(db, meta_sql, 5, p, &res, &err) != LC_OK) {
             if (!started)
                 return gw_send_unavailable(r, "the database", &err);
             lc_log_warn("wado-rs metadata: database failed mid-answer",
@@ -390,19 +403,23 @@ static PGresult *one_instance(gw_req *r, const char *study, const char *series, 
     return res;
 }
 
-/* Locate tag in the stored object; sends the error answer and returns its status (0: found). */
-static int locate(gw_req *r, const char *key, uint32_t tag, gw_dcm_elem *e)
+/* Locate the element at a path of n tags (gw_dcm_find_path) in the stored object; sends the
+ * error answer and returns its status (0: found). */
+static int locate(gw_req *r, const char *key, const uint32_t *tags, const int *items, int n,
+                  gw_dcm_elem *e)
 {
     lc_store_stat st;
     lc_err err = {0};
     obj_ctx o = {r->g->deps.store, key};
+    memset(e, 0, sizeof(*e));
     lc_rc rc = lc_store_head(r->g->deps.store, key, &st, &err);
     if (rc == LC_OK)
-        rc = gw_dcm_find(read_at, &o, st.size, tag, e, &err);
+        rc = gw_dcm_find_path(read_at, &o, st.size, tags, items, n, e, &err);
     if (rc == LC_OK)
         return 0;
     if (rc == LC_ERR_NOT_FOUND)
-        return gw_send_problem(r, 404, NULL, "the instance has no element %08X", tag);
+        return gw_send_problem(r, 404, NULL, "the instance has no element %08X%s: %s", tags[n - 1],
+                               n > 1 ? " at that path" : "", lc_err_msg(&err));
     if (rc == LC_ERR_UNSUPPORTED)
         return gw_send_problem(r, 406, NULL, "%s", lc_err_msg(&err));
     if (rc == LC_ERR_DICOM)
@@ -420,10 +437,11 @@ int gw_wado_frames(gw_req *r)
 
     if (path_uids(r, &study, &series, &sop) != 0)
         return 400;
-    /* "1,2,5": positive frame numbers */
+    /* "1,2,5": positive frame numbers; no empty item (",1", "1,,2", "1,") */
     for (const char *p = list ? list : ""; *p;) {
         size_t len = strspn(p, "0123456789");
-        if (len == 0 || len > 9 || (p[len] && p[len] != ',') || nreq >= 1000 || *p == '0')
+        if (len == 0 || len > 9 || (p[len] && p[len] != ',') || (p[len] == ',' && !p[len + 1]) ||
+            nreq >= 1000 || *p == '0')
             return gw_send_problem(r, 400, NULL,
                                    "frame list must be 1 to 1000 frame numbers (1, 2, ...) "
                                    "separated by commas");
@@ -465,7 +483,8 @@ int gw_wado_frames(gw_req *r)
             goto out;
         }
     }
-    if ((status = locate(r, key, 0x7FE00010, &e)) != 0)
+    const uint32_t pixel_data = 0x7FE00010;
+    if ((status = locate(r, key, &pixel_data, NULL, 1, &e)) != 0)
         goto out;
     long long pix = rows * cols * (bits / 8);
     long long spp = e.length >= 0 ? e.length / ((long long)nframes * pix) : 0;
@@ -488,18 +507,49 @@ out:
     return status;
 }
 
+/* An element path "GGGGEEEE" or "GGGGEEEE.<item>.GGGGEEEE..." (items 0-based, as the
+ * metadata's BulkDataURIs spell them) into tags and items; the number of tags, 0 when
+ * malformed. Item delimiters (FFFExxxx) are not elements. */
+static int parse_tag_path(const char *s, uint32_t *tags, int *items)
+{
+    int n = 0;
+    for (const char *p = s;;) {
+        if (n >= GW_DCM_MAX_PATH || strspn(p, "0123456789abcdefABCDEF") != 8 ||
+            (p[8] && p[8] != '.'))
+            return 0;
+        char hex[9];
+        memcpy(hex, p, 8);
+        hex[8] = '\0';
+        tags[n] = (uint32_t)strtoul(hex, NULL, 16);
+        if ((tags[n] >> 16) == 0xFFFE)
+            return 0;
+        n++;
+        if (!p[8])
+            return n;
+        p += 9;
+        size_t len = strspn(p, "0123456789");
+        if (len == 0 || len > 6 || p[len] != '.' || (len > 1 && *p == '0'))
+            return 0;
+        items[n - 1] = atoi(p);
+        p += len + 1;
+    }
+}
+
 int gw_wado_bulk(gw_req *r)
 {
     const char *study, *series, *sop, *tagp = gw_param_get(r, "tag");
-    unsigned tag = 0;
+    uint32_t tags[GW_DCM_MAX_PATH];
+    int items[GW_DCM_MAX_PATH], ntags;
     gw_dcm_elem e;
 
     if (path_uids(r, &study, &series, &sop) != 0)
         return 400;
-    if (!tagp || strlen(tagp) != 8 || strspn(tagp, "0123456789abcdefABCDEF") != 8)
-        return gw_send_problem(r, 400, NULL, "\"%.40s\" is not a tag (8 hex digits)",
-                               tagp ? tagp : "");
-    tag = (unsigned)strtoul(tagp, NULL, 16);
+    if (!tagp || !(ntags = parse_tag_path(tagp, tags, items)))
+        return gw_send_problem(r, 400, NULL,
+                               "\"%.80s\" is not an element path: a tag (8 hex digits), or "
+                               "sequence.item.tag... as in the metadata's BulkDataURIs (at "
+                               "most %d tags)",
+                               tagp ? tagp : "", GW_DCM_MAX_PATH);
     if (!octets_acceptable(r))
         return 406;
     int status = 0;
@@ -507,13 +557,13 @@ int gw_wado_bulk(gw_req *r)
     if (!res)
         return status;
     const char *key = PQgetvalue(res, 0, 0);
-    if ((status = locate(r, key, tag, &e)) != 0)
+    if ((status = locate(r, key, tags, items, ntags, &e)) != 0)
         goto out;
     if (e.length < 0) {
         status = gw_send_problem(r, 406, NULL,
-                                 "%08X is encapsulated (compressed): retrieve the instance "
-                                 "instead",
-                                 tag);
+                                 "%s is encapsulated (compressed) or of undefined length: "
+                                 "retrieve the instance instead",
+                                 tagp);
         goto out;
     }
     int64_t off = e.value_offset;

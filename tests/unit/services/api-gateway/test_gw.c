@@ -2,8 +2,11 @@
  * test_gw.c: the api-gateway's HTTP server started in-process (gw_start with a hand-made
  * context, no Kafka: outbox rows are checked in the database) on a free port, against a fresh
  * migrated database on the real PostgreSQL of tests/run.sh and a file:// store in a temporary
- * directory, driven over HTTP with libcurl: uploads of real DICOM files, auth and scopes,
- * limits, queries, routing errors, CORS, metrics, the bootstrap token, and the OpenAPI file.
+ * directory, driven over HTTP with libcurl: uploads of real DICOM files, auth and scopes (one
+ * table-driven check over every route of the router table, with the one answer to unknown
+ * query parameters), limits, queries, routing errors, CORS, metrics, the bootstrap token, the
+ * OpenAPI file, job creation with Idempotency-Key, the study close reason, QIDO-RS warnings,
+ * WADO-RS frame lists and metadata paging, and the element path walker of WADO-RS bulk data.
  */
 #include <dirent.h>
 #include <pthread.h>
@@ -18,6 +21,7 @@
 #include <curl/curl.h>
 #include <cjson/cJSON.h>
 #include "gw.h"
+#include "gw_dcmwalk.h"
 #include "lc/db.h"
 #include "lc/dicom.h"
 #include "lc/event.h"
@@ -32,6 +36,8 @@
 #define TOK_REVOKED "rpt_test_revoked_0123456789"
 #define TOK_EXPIRED "rpt_test_expired_0123456789"
 #define TOK_BOOT    "rpt_bootstrap_from_file_0123456789"
+#define TOK_NOSCOPE "rpt_test_noscope_0123456789"
+#define TOK_ADMIN   "rpt_test_admin_0123456789"
 #define STUDY_A     "1.2.826.0.1.3680043.10.1.1"
 #define STUDY_B     "1.2.826.0.1.3680043.10.1.2"
 #define STUDY_C     "1.2.826.0.1.3680043.10.1.3"
@@ -388,6 +394,8 @@ static int setup(void **state)
     assert_non_null(f->metrics = lc_metrics_new());
     add_token(f->db, "reader", TOK_READ, "{read}", NULL, NULL);
     add_token(f->db, "writer", TOK_WRITE, "{write}", NULL, NULL);
+    add_token(f->db, "noscope", TOK_NOSCOPE, "{}", NULL, NULL);
+    add_token(f->db, "admin", TOK_ADMIN, "{admin}", NULL, NULL);
     add_token(f->db, "revoked", TOK_REVOKED, "{admin}", NULL, "2020-01-01T00:00:00Z");
     add_token(f->db, "expired", TOK_EXPIRED, "{admin}", "2020-01-01T00:00:00Z", NULL);
     if (start_gw(f, &f->g, f->token_file, &err) != LC_OK)
@@ -1206,6 +1214,466 @@ static void test_drain_lets_uploads_finish(void **state)
     free(path);
 }
 
+/* --- every route: auth and unknown query parameters ------------------------------------ */
+
+/* A value for path parameter {name} (the router decides 401/403/400 before any handler, so any
+ * non-empty segment would do; these are at least well-formed). */
+static const char *placeholder(const char *name, size_t len)
+{
+    static const struct {
+        const char *name, *value;
+    } v[] = {{"uid", STUDY_A},         {"study", STUDY_A},
+             {"series", STUDY_A ".1"}, {"instance", STUDY_A ".1.1"},
+             {"id", JOB_ID},           {"name", "mask.nii.gz"},
+             {"frames", "1"},          {"tag", "7FE00010"}};
+    for (size_t i = 0; i < sizeof(v) / sizeof(v[0]); i++)
+        if (strlen(v[i].name) == len && strncmp(v[i].name, name, len) == 0)
+            return v[i].value;
+    return "x1"; /* a parameter added later */
+}
+
+/* The route's pattern with every {param} replaced, plus query (may be ""). */
+static void route_path(const gw_route *rt, const char *query, char *out, size_t cap)
+{
+    size_t n = 0;
+    for (const char *p = rt->pattern; *p && n + 1 < cap;) {
+        if (*p == '{') {
+            const char *close = strchr(p, '}');
+            assert_non_null(close);
+            n += (size_t)snprintf(out + n, cap - n, "%s",
+                                  placeholder(p + 1, (size_t)(close - p - 1)));
+            p = close + 1;
+        } else {
+            out[n++] = *p++;
+        }
+    }
+    out[n < cap ? n : cap - 1] = '\0';
+    lc_strlcpy(out + strlen(out), query, cap - strlen(out));
+}
+
+static long long written_rows(fixture *f)
+{
+    return query_ll(f->db,
+                    "SELECT (SELECT count(*) FROM outbox) + (SELECT count(*) FROM jobs)"
+                    " + (SELECT count(*) FROM studies) + (SELECT count(*) FROM instances)",
+                    0, NULL);
+}
+
+/* One table-driven check over the router table itself (gw_routes()), so a route added later is
+ * covered the day it is added: every route needs a token (no token: 401 with
+ * WWW-Authenticate: Bearer; an unknown token: 401), refuses a valid token one scope too small
+ * (403, error="insufficient_scope" naming the scope), and answers a query parameter it does not
+ * take with the one documented answer, 400 problem+json naming the parameter. None of it
+ * writes anything. */
+static void test_every_route_auth_and_query(void **state)
+{
+    fixture *f = *state;
+    static const char *const token_of[] = {[GW_SCOPE_NONE] = TOK_NOSCOPE,
+                                           [GW_SCOPE_READ] = TOK_READ,
+                                           [GW_SCOPE_WRITE] = TOK_WRITE,
+                                           [GW_SCOPE_ADMIN] = TOK_ADMIN};
+    size_t n;
+    const gw_route *routes = gw_routes(&n);
+    long long rows0 = written_rows(f);
+    int objects0 = count_objects(f);
+    char path[1024], www[256], want[64];
+    assert_true(n >= 27);
+    for (size_t i = 0; i < n; i++) {
+        const gw_route *rt = &routes[i];
+        if (rt->scope <= GW_SCOPE_NONE || rt->scope > GW_SCOPE_ADMIN)
+            fail_msg("route %s %s needs no token: every API route must", rt->method, rt->pattern);
+        route_path(rt, "", path, sizeof(path));
+
+        resp r = http(f, &(req){.method = rt->method, .path = path});
+        char *d = expect_problem(&r, 401);
+        if (!header(&r, "WWW-Authenticate", www, sizeof(www)) || strncmp(www, "Bearer", 6) != 0)
+            fail_msg("%s %s: 401 without WWW-Authenticate: Bearer", rt->method, path);
+        free(d);
+        resp_free(&r);
+        r = http(f, &(req){.method = rt->method, .path = path, .token = "rpt_unknown_token_42"});
+        free(expect_problem(&r, 401));
+        resp_free(&r);
+
+        r = http(f, &(req){.method = rt->method, .path = path, .token = token_of[rt->scope - 1]});
+        if (r.status != 403)
+            fail_msg("%s %s with a %s token: expected 403, got %ld", rt->method, path,
+                     gw_scope_name(rt->scope - 1), r.status);
+        free(expect_problem(&r, 403));
+        snprintf(want, sizeof(want), "scope=\"%s\"", gw_scope_name(rt->scope));
+        if (!header(&r, "WWW-Authenticate", www, sizeof(www)) ||
+            !strstr(www, "insufficient_scope") || !strstr(www, want))
+            fail_msg("%s %s: 403 without WWW-Authenticate insufficient_scope %s", rt->method, path,
+                     want);
+        resp_free(&r);
+
+        route_path(rt, "?radpipe_no_such_param=1", path, sizeof(path));
+        r = http(f, &(req){.method = rt->method, .path = path, .token = token_of[rt->scope]});
+        if (r.status != 400)
+            fail_msg("%s %s: expected 400 for an unknown query parameter, got %ld: %s", rt->method,
+                     path, r.status, r.body);
+        d = expect_problem(&r, 400);
+        if (!strstr(d, "unknown query parameter \"radpipe_no_such_param\""))
+            fail_msg("%s %s: the 400 does not name the parameter: %s", rt->method, path, d);
+        free(d);
+        resp_free(&r);
+    }
+    assert_int_equal(written_rows(f), rows0);
+    assert_int_equal(count_objects(f), objects0);
+    assert_int_equal(count_files(f->spool), 0);
+}
+
+/* --- job creation with Idempotency-Key ------------------------------------------------------ */
+
+static resp create_job(fixture *f, const char *token, const char *body, const char *key_hdr)
+{
+    return http(f, &(req){.method = "POST",
+                          .path = "/api/v1/studies/" STUDY_A "/jobs",
+                          .token = token,
+                          .ctype = "application/json",
+                          .body = body,
+                          .len = strlen(body),
+                          .hdr1 = key_hdr});
+}
+
+static char *job_id_of(resp *r)
+{
+    expect_status(r, 202);
+    cJSON *j = json_of(r);
+    char *id = strdup(cJSON_GetStringValue(cJSON_GetObjectItem(j, "id")));
+    assert_string_equal(cJSON_GetStringValue(cJSON_GetObjectItem(j, "state")), "queued");
+    cJSON_Delete(j);
+    return id;
+}
+
+/* A create that failed after its commit (a 503, a lost answer) is retried with the same
+ * Idempotency-Key: the retry answers the job created the first time and writes nothing; the
+ * key is scoped to the token; reused for another request it is refused with 422. */
+static void test_job_create_idempotency_key(void **state)
+{
+    fixture *f = *state;
+    static const char body[] = "{\"kind\":\"upload\",\"params\":{\"layout\":\"series-tar\"}}";
+    const char *p[1] = {STUDY_A};
+    insert_studies(f);
+    long long jobs0 = query_ll(f->db, "SELECT count(*) FROM jobs WHERE study_uid = $1", 1, p);
+    long long outbox0 = query_ll(f->db, "SELECT count(*) FROM outbox", 0, NULL);
+
+    resp r = create_job(f, TOK_WRITE, body, "Idempotency-Key: \"job-7f3a\"");
+    char *id1 = job_id_of(&r);
+    resp_free(&r);
+    long long outbox1 = query_ll(f->db, "SELECT count(*) FROM outbox", 0, NULL);
+    assert_true(outbox1 > outbox0); /* job.upload and job.status */
+    r = create_job(f, TOK_WRITE, body, "Idempotency-Key: \"job-7f3a\"");
+    char *id2 = job_id_of(&r);
+    resp_free(&r);
+    assert_string_equal(id1, id2);
+    assert_int_equal(query_ll(f->db, "SELECT count(*) FROM jobs WHERE study_uid = $1", 1, p),
+                     jobs0 + 1);
+    assert_int_equal(query_ll(f->db, "SELECT count(*) FROM outbox", 0, NULL), outbox1);
+
+    /* the same key with another body: 422, nothing written */
+    r = create_job(f, TOK_WRITE, "{\"kind\":\"segment\"}", "Idempotency-Key: \"job-7f3a\"");
+    char *d = expect_problem(&r, 422);
+    assert_non_null(strstr(d, id1));
+    free(d);
+    resp_free(&r);
+    r = create_job(f, TOK_WRITE, "{\"kind\":\"upload\",\"params\":{\"layout\":\"study-tar\"}}",
+                   "Idempotency-Key: \"job-7f3a\"");
+    free(expect_problem(&r, 422));
+    resp_free(&r);
+    /* another token's key of the same spelling is another key */
+    r = create_job(f, TOK_ADMIN, body, "Idempotency-Key: \"job-7f3a\"");
+    char *id3 = job_id_of(&r);
+    resp_free(&r);
+    assert_string_not_equal(id1, id3);
+    /* without a key every create is a new job */
+    r = create_job(f, TOK_WRITE, body, NULL);
+    char *id4 = job_id_of(&r);
+    resp_free(&r);
+    assert_string_not_equal(id1, id4);
+    assert_int_equal(query_ll(f->db, "SELECT count(*) FROM jobs WHERE study_uid = $1", 1, p),
+                     jobs0 + 3);
+    /* malformed keys */
+    static const char *const bad[] = {"Idempotency-Key: \"\"", "Idempotency-Key: a b",
+                                      "Idempotency-Key: caf\xc3\xa9"};
+    for (size_t i = 0; i < sizeof(bad) / sizeof(bad[0]); i++) {
+        r = create_job(f, TOK_WRITE, body, bad[i]);
+        free(expect_problem(&r, 400));
+        resp_free(&r);
+    }
+    assert_int_equal(query_ll(f->db, "SELECT count(*) FROM jobs WHERE study_uid = $1", 1, p),
+                     jobs0 + 3);
+    free(id1);
+    free(id2);
+    free(id3);
+    free(id4);
+}
+
+/* --- study close: the reason's length as proto/events/study.close.json counts it ------------ */
+
+static void test_study_close_reason_length(void **state)
+{
+    fixture *f = *state;
+    char body[2048];
+    long long outbox0 = query_ll(f->db, "SELECT count(*) FROM outbox", 0, NULL);
+    /* 256 characters of two bytes each: 512 bytes, within the schema's 256 characters */
+    strcpy(body, "{\"reason\":\"");
+    for (int i = 0; i < 256; i++)
+        strcat(body, "\xc3\xa9");
+    strcat(body, "\"}");
+    resp r = http(f, &(req){.method = "POST",
+                            .path = "/api/v1/studies/" STUDY_A "/complete",
+                            .token = TOK_WRITE,
+                            .ctype = "application/json",
+                            .body = body,
+                            .len = strlen(body)});
+    expect_status(&r, 202);
+    resp_free(&r);
+    assert_int_equal(query_ll(f->db, "SELECT count(*) FROM outbox", 0, NULL), outbox0 + 1);
+    /* one more character, an ASCII reason of 257, and bytes that are not UTF-8: 400 */
+    static const char *const tails[] = {"\xc3\xa9", "", "\xff"};
+    for (size_t k = 0; k < 3; k++) {
+        strcpy(body, "{\"reason\":\"");
+        for (int i = 0; i < 256; i++)
+            strcat(body, k == 1 ? "a" : "\xc3\xa9");
+        strcat(body, k == 1 ? "a" : tails[k]);
+        strcat(body, "\"}");
+        r = http(f, &(req){.method = "POST",
+                           .path = "/api/v1/studies/" STUDY_A "/complete",
+                           .token = TOK_WRITE,
+                           .ctype = "application/json",
+                           .body = body,
+                           .len = strlen(body)});
+        char *d = expect_problem(&r, 400);
+        assert_non_null(strstr(d, "reason"));
+        free(d);
+        resp_free(&r);
+    }
+    assert_int_equal(query_ll(f->db, "SELECT count(*) FROM outbox", 0, NULL), outbox0 + 1);
+}
+
+/* --- QIDO-RS warnings, WADO-RS frame lists and metadata paging ------------------------------- */
+
+static void test_qido_fuzzymatching_warning(void **state)
+{
+    fixture *f = *state;
+    char w[256];
+    resp r = get(f, "/dicomweb/studies?fuzzymatching=true&PatientName=Doe*", TOK_READ);
+    expect_status(&r, 200);
+    if (!header(&r, "Warning", w, sizeof(w)) || !strstr(w, "299") ||
+        !strstr(w, "fuzzymatching parameter is not supported"))
+        fail_msg("no fuzzymatching Warning: %s", r.headers);
+    resp_free(&r);
+    r = get(f, "/dicomweb/studies?fuzzymatching=false&PatientName=Doe*", TOK_READ);
+    expect_status(&r, 200);
+    assert_null(header(&r, "Warning", w, sizeof(w)));
+    resp_free(&r);
+    r = get(f, "/dicomweb/studies?fuzzymatching=yes", TOK_READ);
+    free(expect_problem(&r, 400));
+    resp_free(&r);
+}
+
+static void test_wado_frame_lists(void **state)
+{
+    fixture *f = *state;
+    static const char base[] =
+        "/dicomweb/studies/" STUDY_A "/series/" STUDY_A ".1/instances/" STUDY_A ".1.1/frames/";
+    static const char *const bad[] = {"1,", "1,2,", ",1", "1,,2", "0", "01", "1;2", "-1", "a"};
+    char path[512];
+    for (size_t i = 0; i < sizeof(bad) / sizeof(bad[0]); i++) {
+        snprintf(path, sizeof(path), "%s%s", base, bad[i]);
+        resp r = get(f, path, TOK_READ);
+        if (r.status != 400)
+            fail_msg("frames \"%s\": expected 400, got %ld", bad[i], r.status);
+        free(expect_problem(&r, 400));
+        resp_free(&r);
+    }
+    /* well-formed lists get past the syntax check: this instance does not exist */
+    static const char *const good[] = {"1", "1,2", "3,1,2"};
+    for (size_t i = 0; i < sizeof(good) / sizeof(good[0]); i++) {
+        snprintf(path, sizeof(path), "%s%s", base, good[i]);
+        resp r = get(f, path, TOK_READ);
+        free(expect_problem(&r, 404));
+        resp_free(&r);
+    }
+}
+
+/* The metadata of a series larger than one page of the query (META_PAGE, 200) holds every
+ * instance exactly once, in instance number order. */
+static void test_wado_metadata_pages(void **state)
+{
+    fixture *f = *state;
+    insert_studies(f);
+    exec_ok(f->db,
+            "INSERT INTO instances (sop_uid, series_uid, study_uid, sop_class_uid, instance_number,"
+            " store_key, size_bytes, sha256)"
+            " SELECT '" STUDY_B ".1.' || g, '" STUDY_B ".1', '" STUDY_B "',"
+            " '1.2.840.10008.5.1.4.1.1.4', g, 'instances/x/' || g, 1, 'x'"
+            " FROM generate_series(1, 450) AS g",
+            0, NULL);
+    cJSON *j = get_json(f, "/dicomweb/studies/" STUDY_B "/series/" STUDY_B ".1/metadata", 200);
+    assert_int_equal(cJSON_GetArraySize(j), 450);
+    for (int i = 0; i < 450; i++) {
+        char want[80];
+        snprintf(want, sizeof(want), STUDY_B ".1.%d", i + 1);
+        cJSON *sop = cJSON_GetObjectItem(cJSON_GetArrayItem(j, i), "00080018");
+        assert_string_equal(
+            cJSON_GetStringValue(cJSON_GetArrayItem(cJSON_GetObjectItem(sop, "Value"), 0)), want);
+    }
+    cJSON_Delete(j);
+    exec_ok(f->db, "DELETE FROM instances WHERE series_uid = '" STUDY_B ".1'", 0, NULL);
+}
+
+/* --- the element path walker of WADO-RS bulk data ----------------------------------------------
+ */
+
+typedef struct dbuf {
+    unsigned char d[4096];
+    size_t n;
+} dbuf;
+
+static void db_raw(dbuf *b, const void *p, size_t n)
+{
+    assert_true(b->n + n <= sizeof(b->d));
+    memcpy(b->d + b->n, p, n);
+    b->n += n;
+}
+
+static void db_u16(dbuf *b, unsigned v)
+{
+    unsigned char x[2] = {(unsigned char)(v & 0xFF), (unsigned char)(v >> 8)};
+    db_raw(b, x, 2);
+}
+
+static void db_u32(dbuf *b, uint32_t v)
+{
+    unsigned char x[4] = {(unsigned char)v, (unsigned char)(v >> 8), (unsigned char)(v >> 16),
+                          (unsigned char)(v >> 24)};
+    db_raw(b, x, 4);
+}
+
+/* An element header; returns where its length field is (for patching a defined length). */
+static size_t db_head(dbuf *b, int explicit_vr, uint32_t tag, const char *vr, uint32_t len)
+{
+    db_u16(b, tag >> 16);
+    db_u16(b, tag & 0xFFFF);
+    size_t at = b->n;
+    if (!explicit_vr || (tag >> 16) == 0xFFFE) {
+        db_u32(b, len);
+        return at;
+    }
+    db_raw(b, vr, 2);
+    if (strcmp(vr, "OB") == 0 || strcmp(vr, "OW") == 0 || strcmp(vr, "SQ") == 0 ||
+        strcmp(vr, "UN") == 0) {
+        db_u16(b, 0);
+        at = b->n;
+        db_u32(b, len);
+    } else {
+        db_u16(b, len);
+    }
+    return at;
+}
+
+static void db_patch(dbuf *b, size_t at)
+{
+    uint32_t len = (uint32_t)(b->n - at - 4);
+    for (int i = 0; i < 4; i++)
+        b->d[at + i] = (unsigned char)(len >> (8 * i));
+}
+
+static size_t db_elem(dbuf *b, int explicit_vr, uint32_t tag, const char *vr, const char *v,
+                      size_t len)
+{
+    db_head(b, explicit_vr, tag, vr, (uint32_t)len);
+    size_t at = b->n;
+    db_raw(b, v, len);
+    return at;
+}
+
+/* A data set with nested sequences of defined and undefined length:
+ *   (0008,0016) UI
+ *   (0040,0275) SQ undefined: item 0 undefined { (0040,0009) SH, (0040,A730) SQ defined:
+ *                 item 0 defined { (0028,2000) OB "ICCPROF!" } }, item 1 defined
+ *                 { (0040,0009) SH, (0042,0011) OB "PDF!" }
+ *   (7FE0,0010) OW
+ * value offsets of the three binary values go to off[]. */
+static void make_nested(dbuf *b, int explicit_vr, size_t off[3])
+{
+    memset(b, 0, sizeof(*b));
+    if (explicit_vr) {
+        b->n = 128;
+        db_raw(b, "DICM", 4);
+        db_elem(b, 1, 0x00020010, "UI", "1.2.840.10008.1.2.1\0", 20);
+    }
+    db_elem(b, explicit_vr, 0x00080016, "UI", "1.2.840.10008.5.1.4.1.1.7\0", 26);
+    db_head(b, explicit_vr, 0x00400275, "SQ", 0xFFFFFFFFu);
+    db_head(b, explicit_vr, 0xFFFEE000, NULL, 0xFFFFFFFFu);
+    db_elem(b, explicit_vr, 0x00400009, "SH", "SPS1", 4);
+    size_t seq = db_head(b, explicit_vr, 0x0040A730, "SQ", 0);
+    size_t item = db_head(b, explicit_vr, 0xFFFEE000, NULL, 0);
+    off[0] = db_elem(b, explicit_vr, 0x00282000, "OB", "ICCPROF!", 8);
+    db_patch(b, item);
+    db_patch(b, seq);
+    db_head(b, explicit_vr, 0xFFFEE00D, NULL, 0);
+    item = db_head(b, explicit_vr, 0xFFFEE000, NULL, 0);
+    db_elem(b, explicit_vr, 0x00400009, "SH", "SPS2", 4);
+    off[1] = db_elem(b, explicit_vr, 0x00420011, "OB", "PDF!", 4);
+    db_patch(b, item);
+    db_head(b, explicit_vr, 0xFFFEE0DD, NULL, 0);
+    off[2] = db_elem(b, explicit_vr, 0x7FE00010, "OW", "\1\2\3\4", 4);
+}
+
+static int64_t mem_read(void *ctx, int64_t off, void *buf, size_t len)
+{
+    const dbuf *b = ctx;
+    if (off < 0 || (size_t)off > b->n)
+        return -1;
+    size_t n = b->n - (size_t)off < len ? b->n - (size_t)off : len;
+    memcpy(buf, b->d + off, n);
+    return (int64_t)n;
+}
+
+static void test_dcmwalk_paths(void **state)
+{
+    (void)state;
+    for (int explicit_vr = 0; explicit_vr <= 1; explicit_vr++) {
+        dbuf b;
+        size_t off[3];
+        gw_dcm_elem e;
+        lc_err err = {0};
+        make_nested(&b, explicit_vr, off);
+        const uint32_t icc[] = {0x00400275, 0x0040A730, 0x00282000};
+        const int icc_items[] = {0, 0};
+        assert_int_equal(gw_dcm_find_path(mem_read, &b, (int64_t)b.n, icc, icc_items, 3, &e, &err),
+                         LC_OK);
+        assert_int_equal(e.value_offset, off[0]);
+        assert_int_equal(e.length, 8);
+        const uint32_t pdf[] = {0x00400275, 0x00420011};
+        const int one[] = {1}, zero[] = {0}, two[] = {2};
+        assert_int_equal(gw_dcm_find_path(mem_read, &b, (int64_t)b.n, pdf, one, 2, &e, &err),
+                         LC_OK);
+        assert_int_equal(e.value_offset, off[1]);
+        assert_int_equal(e.length, 4);
+        assert_int_equal(gw_dcm_find(mem_read, &b, (int64_t)b.n, 0x7FE00010, &e, &err), LC_OK);
+        assert_int_equal(e.value_offset, off[2]);
+        /* not in item 0, no item 2, not a sequence, nothing below a leaf */
+        assert_int_equal(gw_dcm_find_path(mem_read, &b, (int64_t)b.n, pdf, zero, 2, &e, &err),
+                         LC_ERR_NOT_FOUND);
+        assert_int_equal(gw_dcm_find_path(mem_read, &b, (int64_t)b.n, pdf, two, 2, &e, &err),
+                         LC_ERR_NOT_FOUND);
+        const uint32_t notseq[] = {0x00080016, 0x00420011};
+        assert_int_equal(gw_dcm_find_path(mem_read, &b, (int64_t)b.n, notseq, zero, 2, &e, &err),
+                         LC_ERR_NOT_FOUND);
+        /* a nested element is not found at the top level */
+        assert_int_equal(gw_dcm_find(mem_read, &b, (int64_t)b.n, 0x00420011, &e, &err),
+                         LC_ERR_NOT_FOUND);
+        /* a truncated file is malformed, not found nowhere */
+        assert_int_equal(gw_dcm_find_path(mem_read, &b, (int64_t)off[1] + 2, pdf, one, 2, &e, &err),
+                         LC_ERR_DICOM);
+        assert_int_equal(gw_dcm_find_path(mem_read, &b, (int64_t)b.n, pdf, one, 0, &e, &err),
+                         LC_ERR_INVALID);
+    }
+}
+
 /* --- configuration and contract --------------------------------------------------------- */
 
 static void test_route_match(void **state)
@@ -1350,6 +1818,7 @@ int main(void)
         cmocka_unit_test(test_route_match),
         cmocka_unit_test(test_config_table),
         cmocka_unit_test(test_openapi_lists_every_route),
+        cmocka_unit_test(test_dcmwalk_paths),
     };
     const struct CMUnitTest server[] = {
         cmocka_unit_test(test_post_dicom),
@@ -1367,6 +1836,12 @@ int main(void)
         cmocka_unit_test(test_cors),
         cmocka_unit_test(test_admin_endpoints_and_metrics),
         cmocka_unit_test(test_bootstrap_token),
+        cmocka_unit_test(test_every_route_auth_and_query),
+        cmocka_unit_test(test_job_create_idempotency_key),
+        cmocka_unit_test(test_study_close_reason_length),
+        cmocka_unit_test(test_qido_fuzzymatching_warning),
+        cmocka_unit_test(test_wado_frame_lists),
+        cmocka_unit_test(test_wado_metadata_pages),
         cmocka_unit_test(test_drain_lets_uploads_finish),
     };
     int failed = cmocka_run_group_tests_name("gw_unit", unit, NULL, NULL);
