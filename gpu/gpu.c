@@ -189,16 +189,15 @@ void gpu_mem_release(gpu_ctx *ctx, void *mem, size_t nbytes)
     ctx->mem_used -= nbytes;
 }
 
-lc_rc gpu_vol_alloc(gpu_ctx *ctx, gpu_dtype dtype, size_t nx, size_t ny, size_t nz, int zero,
-                    gpu_vol **out, lc_err *err)
+/* A volume struct of checked size; mem is left to the caller (*out: free with free()). */
+static lc_rc vol_make(gpu_ctx *ctx, gpu_dtype dtype, size_t nx, size_t ny, size_t nz, gpu_vol **out,
+                      lc_err *err)
 {
-    lc_rc rc;
     gpu_vol *v = NULL;
     size_t esize = gpu_dtype_size(dtype);
 
-    if (!ctx || !out)
+    if (!ctx)
         return lc_err_set(err, LC_ERR_INVALID, "gpu volume: context or out is NULL");
-    *out = NULL;
     if (!esize)
         return lc_err_set(err, LC_ERR_INVALID, "unknown gpu volume type %d", (int)dtype);
     if (!nx || !ny || !nz)
@@ -220,6 +219,20 @@ lc_rc gpu_vol_alloc(gpu_ctx *ctx, gpu_dtype dtype, size_t nx, size_t ny, size_t 
     v->nz = nz;
     v->n = nx * ny * nz;
     v->nbytes = v->n * esize;
+    *out = v;
+    return LC_OK;
+}
+
+lc_rc gpu_vol_alloc(gpu_ctx *ctx, gpu_dtype dtype, size_t nx, size_t ny, size_t nz, int zero,
+                    gpu_vol **out, lc_err *err)
+{
+    gpu_vol *v = NULL;
+    lc_rc rc;
+    if (!out)
+        return lc_err_set(err, LC_ERR_INVALID, "gpu volume: context or out is NULL");
+    *out = NULL;
+    if ((rc = vol_make(ctx, dtype, nx, ny, nz, &v, err)) != LC_OK)
+        return rc;
     rc = gpu_mem_alloc(ctx, v->nbytes, zero, &v->mem, err);
     if (rc != LC_OK) {
         free(v);
@@ -259,6 +272,44 @@ lc_rc gpu_vol_upload(gpu_ctx *ctx, gpu_dtype dtype, const void *host, size_t nx,
     return LC_OK;
 }
 
+lc_rc gpu_vol_borrow(gpu_ctx *ctx, gpu_dtype dtype, const void *host, size_t nx, size_t ny,
+                     size_t nz, gpu_vol **out, lc_err *err)
+{
+    gpu_vol *v = NULL;
+    lc_rc rc;
+
+    if (!out)
+        return lc_err_set(err, LC_ERR_INVALID, "gpu_vol_borrow: out is NULL");
+    *out = NULL;
+    if (!host)
+        return lc_err_set(err, LC_ERR_INVALID, "gpu_vol_borrow: host buffer is NULL");
+    /* Only the CPU's memory is host memory; a misaligned buffer is copied rather than read
+     * through misaligned pointers. */
+    size_t esize = gpu_dtype_size(dtype);
+    if (!ctx || ctx->backend != GPU_BACKEND_CPU || !esize || (uintptr_t)host % esize != 0) {
+        rc = gpu_vol_upload(ctx, dtype, host, nx, ny, nz, &v, err);
+    } else if ((rc = vol_make(ctx, dtype, nx, ny, nz, &v, err)) == LC_OK) {
+        v->mem = (void *)(uintptr_t)host; /* never written: readonly below */
+        v->borrowed = 1;
+        ctx->live_vols++;
+    }
+    if (rc != LC_OK)
+        return rc;
+    v->readonly = 1;
+    *out = v;
+    return LC_OK;
+}
+
+lc_rc gpu_check_out(const gpu_ctx *ctx, const gpu_vol *v, gpu_dtype want, const char *what,
+                    lc_err *err)
+{
+    lc_rc rc = gpu_check_vol(ctx, v, want, what, err);
+    if (rc == LC_OK && v->readonly)
+        return lc_err_set(err, LC_ERR_INVALID, "%s: the volume is read-only (gpu_vol_borrow)",
+                          what);
+    return rc;
+}
+
 lc_rc gpu_check_vol(const gpu_ctx *ctx, const gpu_vol *v, gpu_dtype want, const char *what,
                     lc_err *err)
 {
@@ -287,6 +338,8 @@ lc_rc gpu_vol_download(gpu_ctx *ctx, const gpu_vol *v, void *host, lc_err *err)
         return rc;
     if (!host)
         return lc_err_set(err, LC_ERR_INVALID, "gpu_vol_download: host buffer is NULL");
+    if (host == v->mem) /* a borrowed buffer downloaded onto itself */
+        return LC_OK;
     return ctx->ops->to_host(ctx->impl, host, v->mem, v->nbytes, err);
 }
 
@@ -294,7 +347,8 @@ void gpu_vol_free(gpu_vol *v)
 {
     if (!v)
         return;
-    gpu_mem_release(v->ctx, v->mem, v->nbytes);
+    if (!v->borrowed)
+        gpu_mem_release(v->ctx, v->mem, v->nbytes);
     v->ctx->live_vols--;
     free(v);
 }
@@ -372,6 +426,32 @@ lc_rc gpu_histogram(gpu_ctx *ctx, const gpu_vol *v, int nbins, float lo, float h
     return ctx->ops->histogram(ctx->impl, v->mem, v->n, nbins, lo, scale, hist, err);
 }
 
+lc_rc gpu_histogram_minmax(gpu_ctx *ctx, const gpu_vol *v, int nbins, float lo, float hi,
+                           uint64_t *hist, float *vmin, float *vmax, lc_err *err)
+{
+    float scale, l, h;
+    lc_rc rc = gpu_check_vol(ctx, v, GPU_F32, "gpu_histogram_minmax", err);
+    if (rc != LC_OK)
+        return rc;
+    if (!hist || !vmin || !vmax)
+        return lc_err_set(err, LC_ERR_INVALID, "gpu_histogram_minmax: hist, vmin or vmax is NULL");
+    if ((rc = hist_scale(nbins, lo, hi, &scale, err)) != LC_OK)
+        return rc;
+    if (!ctx->ops->minmax_histogram) { /* two passes */
+        if ((rc = gpu_minmax(ctx, v, vmin, vmax, err)) != LC_OK)
+            return rc;
+        return ctx->ops->histogram(ctx->impl, v->mem, v->n, nbins, lo, scale, hist, err);
+    }
+    rc = ctx->ops->minmax_histogram(ctx->impl, v->mem, v->n, nbins, lo, scale, hist, &l, &h, err);
+    if (rc != LC_OK)
+        return rc;
+    if (l > h)
+        return lc_err_set(err, LC_ERR_INVALID, "volume of %zu voxels holds only NaN", v->n);
+    *vmin = l + 0.0f; /* as gpu_minmax */
+    *vmax = h + 0.0f;
+    return LC_OK;
+}
+
 lc_rc gpu_otsu_threshold(gpu_ctx *ctx, const gpu_vol *v, int nbins, float *threshold, lc_err *err)
 {
     float lo, hi, scale;
@@ -411,7 +491,7 @@ lc_rc gpu_threshold(gpu_ctx *ctx, const gpu_vol *in, float lo, float hi, gpu_vol
 {
     lc_rc rc = gpu_check_vol(ctx, in, GPU_F32, "gpu_threshold input", err);
     if (rc == LC_OK)
-        rc = gpu_check_vol(ctx, out, GPU_U8, "gpu_threshold output", err);
+        rc = gpu_check_out(ctx, out, GPU_U8, "gpu_threshold output", err);
     if (rc != LC_OK)
         return rc;
     if ((rc = gpu_check_dims(in, out, "gpu_threshold", err)) != LC_OK)
@@ -427,7 +507,7 @@ lc_rc gpu_window(gpu_ctx *ctx, const gpu_vol *in, float level, float width, gpu_
 {
     lc_rc rc = gpu_check_vol(ctx, in, GPU_F32, "gpu_window input", err);
     if (rc == LC_OK)
-        rc = gpu_check_vol(ctx, out, GPU_F32, "gpu_window output", err);
+        rc = gpu_check_out(ctx, out, GPU_F32, "gpu_window output", err);
     if (rc == LC_OK)
         rc = gpu_check_dims(in, out, "gpu_window", err);
     if (rc != LC_OK)

@@ -47,6 +47,22 @@ typedef struct gpu_resample_job {
     float ratio[3];
 } gpu_resample_job;
 
+/* Connected components as runs (backends with the runs_* operations: the CPU): a run is a
+ * maximal stretch of foreground voxels along x within one row (foreground: (m != 0) !=
+ * invert). Rows are numbered r = y + ny * z; the runs of row r are row[r] .. row[r + 1] - 1,
+ * in x order, so runs are in raster order and a component's first run holds its first voxel.
+ * The front end allocates (counted) and frees both arrays: row after runs_count, which fills
+ * it, and runs (runs_bytes(nruns) bytes, none when nruns is 0) before runs_label. */
+typedef struct gpu_runs {
+    size_t nx, ny, nz;
+    int invert;
+    int32_t *row; /* mem: ny * nz + 1 offsets (row_bytes) */
+    void *runs;   /* mem: the runs and their links or labels (run_bytes) */
+    size_t row_bytes, run_bytes;
+    size_t nruns;   /* set by runs_count */
+    size_t nlabels; /* set by runs_label */
+} gpu_runs;
+
 /* Backend operations on backend memory ("mem": host memory for the CPU, device memory for
  * CUDA). gpu.c validates every argument first: n > 0, matching dtypes and sizes, nbins in
  * range, so backends only report their own failures. */
@@ -72,7 +88,8 @@ typedef struct gpu_ops {
     lc_rc (*count)(void *impl, const uint8_t *m, size_t n, uint64_t *count, lc_err *err);
     /* One erosion or dilation pass (gpu_morph_pass); p->out may be p->in. */
     lc_rc (*morph)(void *impl, const gpu_morph_pass *p, lc_err *err);
-    /* Bytes of scratch memory label needs for n voxels (0: none). */
+    /* label_scratch and label: backends without the runs_* operations below (CUDA); NULL
+     * on the others. Bytes of scratch memory label needs for n voxels (0: none). */
     size_t (*label_scratch)(void *impl, size_t n);
     /* Connected components of the voxels with (m[i] != 0) != invert, into labels (background
      * 0, components 1..*nlabels numbered by first voxel index). conn: 6, 26, 4 or 8.
@@ -92,6 +109,28 @@ typedef struct gpu_ops {
     lc_rc (*mark_border)(void *impl, const int32_t *labels, const size_t dims[3], int planar,
                          uint8_t *table, size_t ntable, lc_err *err);
     lc_rc (*resample)(void *impl, const gpu_resample_job *j, lc_err *err);
+    /* Optional (NULL: gpu.c runs minmax, then histogram): both in one pass over x, the
+     * histogram as histogram, *mn and *mx as minmax. */
+    lc_rc (*minmax_histogram)(void *impl, const float *x, size_t n, int nbins, float lo,
+                              float scale, uint64_t *hist, float *mn, float *mx, lc_err *err);
+    /* Optional, all or none (NULL: labelling goes through label and a GPU_I32 volume):
+     * components as runs (gpu_runs). runs_count fills r->row and r->nruns from the mask;
+     * runs_label finds the runs, joins those that touch under connectivity conn and numbers
+     * the components as label does (r->nlabels); the others read a labelled r.
+     * runs_sizes: counts (mem, nlabels + 1 zeroed entries): counts[l] = voxels of label l,
+     * counts[0] = voxels in no run. runs_mark_border: table[l] = 1 (mem, nlabels + 1 entries)
+     * for every label on the border (as mark_border). runs_lut: out[i] = table[label] ^ flip,
+     * label 0 for voxels in no run (out may be the mask the runs came from). runs_write:
+     * labels[i] = the label of voxel i, 0 in no run. */
+    lc_rc (*runs_count)(void *impl, const uint8_t *m, gpu_runs *r, lc_err *err);
+    size_t (*runs_bytes)(void *impl, size_t nruns);
+    lc_rc (*runs_label)(void *impl, const uint8_t *m, int conn, gpu_runs *r, lc_err *err);
+    lc_rc (*runs_sizes)(void *impl, const gpu_runs *r, uint64_t *counts, lc_err *err);
+    lc_rc (*runs_mark_border)(void *impl, const gpu_runs *r, int planar, uint8_t *table,
+                              lc_err *err);
+    lc_rc (*runs_lut)(void *impl, const gpu_runs *r, const uint8_t *table, uint8_t flip,
+                      uint8_t *out, lc_err *err);
+    lc_rc (*runs_write)(void *impl, const gpu_runs *r, int32_t *labels, lc_err *err);
 } gpu_ops;
 
 struct gpu_ctx {
@@ -108,6 +147,8 @@ struct gpu_vol {
     gpu_dtype dtype;
     size_t nx, ny, nz, n, nbytes;
     void *mem;
+    int borrowed; /* mem is the caller's host buffer (gpu_vol_borrow on the CPU): not ours */
+    int readonly; /* from gpu_vol_borrow: never a kernel's output */
 };
 
 /* Open a backend: fills *ops, *impl (closed with ops->close) and a description. The CUDA
@@ -129,6 +170,9 @@ lc_rc gpu_vol_alloc(gpu_ctx *ctx, gpu_dtype dtype, size_t nx, size_t ny, size_t 
                     gpu_vol **out, lc_err *err);
 /* v is non-NULL, belongs to ctx and has dtype want; what names the argument in messages. */
 lc_rc gpu_check_vol(const gpu_ctx *ctx, const gpu_vol *v, gpu_dtype want, const char *what,
+                    lc_err *err);
+/* gpu_check_vol for an output: also refuses read-only (borrowed) volumes. */
+lc_rc gpu_check_out(const gpu_ctx *ctx, const gpu_vol *v, gpu_dtype want, const char *what,
                     lc_err *err);
 /* a and b have the same dims. */
 lc_rc gpu_check_dims(const gpu_vol *a, const gpu_vol *b, const char *what, lc_err *err);

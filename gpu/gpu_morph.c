@@ -85,7 +85,7 @@ lc_rc gpu_morphology(gpu_ctx *ctx, gpu_morph_op op, const gpu_vol *in, double ra
     int reach[3];
     lc_rc rc = gpu_check_vol(ctx, in, GPU_U8, "gpu_morphology input", err);
     if (rc == LC_OK)
-        rc = gpu_check_vol(ctx, out, GPU_U8, "gpu_morphology output", err);
+        rc = gpu_check_out(ctx, out, GPU_U8, "gpu_morphology output", err);
     if (rc == LC_OK)
         rc = gpu_check_dims(in, out, "gpu_morphology", err);
     if (rc != LC_OK)

@@ -55,7 +55,7 @@ lc_rc gpu_resample(gpu_ctx *ctx, const gpu_vol *in, const double in_spacing[3],
     if (!in)
         return lc_err_set(err, LC_ERR_INVALID, "gpu_resample: input is NULL");
     if ((rc = gpu_check_vol(ctx, in, in->dtype, "gpu_resample input", err)) != LC_OK ||
-        (rc = gpu_check_vol(ctx, out, in->dtype, "gpu_resample output", err)) != LC_OK)
+        (rc = gpu_check_out(ctx, out, in->dtype, "gpu_resample output", err)) != LC_OK)
         return rc;
     if (in == out || in->mem == out->mem)
         return lc_err_set(err, LC_ERR_INVALID, "gpu_resample: output is the input");

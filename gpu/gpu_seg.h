@@ -111,8 +111,16 @@ lc_rc gpu_vol_new(gpu_ctx *ctx, gpu_dtype dtype, size_t nx, size_t ny, size_t nz
  * exactly one host-to-device copy. *out: free with gpu_vol_free. */
 lc_rc gpu_vol_upload(gpu_ctx *ctx, gpu_dtype dtype, const void *host, size_t nx, size_t ny,
                      size_t nz, gpu_vol **out, lc_err *err);
+/* A read-only volume over host (borrowed: nx*ny*nz elements of dtype, x fastest, which must
+ * stay valid and unchanged until gpu_vol_free(*out)). On the CPU the kernels read host
+ * itself: no copy, and nothing counted against the memory limit (a buffer not aligned to its
+ * element size is copied instead). On CUDA it is gpu_vol_upload: one copy, counted. Kernels
+ * refuse it as an output (LC_ERR_INVALID). *out: free with gpu_vol_free. */
+lc_rc gpu_vol_borrow(gpu_ctx *ctx, gpu_dtype dtype, const void *host, size_t nx, size_t ny,
+                     size_t nz, gpu_vol **out, lc_err *err);
 /* Copy v into host (borrowed, room for gpu_vol_voxels(v) elements of v's dtype): exactly one
- * device-to-host copy; waits for all work queued on ctx. */
+ * device-to-host copy (none when host is the buffer v borrows); waits for all work queued on
+ * ctx. */
 lc_rc gpu_vol_download(gpu_ctx *ctx, const gpu_vol *v, void *host, lc_err *err);
 /* Accepts NULL. */
 void gpu_vol_free(gpu_vol *v);
@@ -140,6 +148,12 @@ lc_rc gpu_minmax(gpu_ctx *ctx, const gpu_vol *v, float *lo, float *hi, lc_err *e
  *     bin = f <= 0 ? 0 : f >= nbins ? nbins - 1 : (int)f                                    */
 lc_rc gpu_histogram(gpu_ctx *ctx, const gpu_vol *v, int nbins, float lo, float hi, uint64_t *hist,
                     lc_err *err);
+
+/* gpu_histogram and gpu_minmax together (same arguments, results and errors): one pass over
+ * the volume where the backend can fuse them (the CPU), else the two kernels. For a range
+ * guessed in advance, e.g. a window that the volume's values are then clipped to. */
+lc_rc gpu_histogram_minmax(gpu_ctx *ctx, const gpu_vol *v, int nbins, float lo, float hi,
+                           uint64_t *hist, float *vmin, float *vmax, lc_err *err);
 
 /* Otsu's threshold of a GPU_F32 volume with scikit-image's threshold_otsu convention: the
  * histogram of nbins (2..GPU_MAX_BINS) bins between the volume's min and max; the threshold
@@ -204,8 +218,11 @@ lc_rc gpu_morphology(gpu_ctx *ctx, gpu_morph_op op, const gpu_vol *in, double ra
  * deterministic and equals scipy.ndimage.label / skimage.measure.label: components are
  * numbered in the order of their first voxel in raster order (smallest index i), so every
  * backend and thread count gives the same volume. mask must have at most GPU_LABEL_MAX_VOXELS
- * voxels. No scratch beyond the output (the output holds the union-find links while it runs;
- * CUDA adds one counter per 4096 voxels). Copies back: the label count only. */
+ * voxels. Scratch, counted: on CUDA one counter per 4096 voxels (the output holds the
+ * union-find links while it runs); on the CPU the mask's runs (maximal stretches of
+ * foreground voxels along x): 4 bytes per row of the volume and 12 per run, at most one run
+ * per two voxels but typically far fewer (a 512x512x300 CT body mask: about 0.3 M runs, 4
+ * MiB, where a label volume takes 300 MiB). Copies back: the label count only. */
 lc_rc gpu_label(gpu_ctx *ctx, const gpu_vol *mask, int connectivity, gpu_vol *labels,
                 size_t *nlabels, lc_err *err);
 
@@ -227,8 +244,9 @@ lc_rc gpu_select_components(gpu_ctx *ctx, const gpu_vol *labels, size_t nlabels,
                             size_t keep_largest, uint64_t min_voxels, gpu_vol *out, size_t *kept,
                             lc_err *err);
 
-/* Convenience: gpu_label into a scratch GPU_I32 volume, then gpu_select_components. in, out:
- * GPU_U8 of the same dims; out may be in. Scratch: 4 bytes per voxel plus the tables above. */
+/* gpu_label, then gpu_select_components, in one call: the same output. in, out: GPU_U8 of the
+ * same dims; out may be in. Scratch: on CUDA a GPU_I32 label volume (4 bytes per voxel) plus
+ * the tables above; on the CPU no label volume, only the runs (as gpu_label) and the tables. */
 lc_rc gpu_keep_largest(gpu_ctx *ctx, const gpu_vol *in, int connectivity, size_t keep_largest,
                        uint64_t min_voxels, gpu_vol *out, size_t *kept, lc_err *err);
 
@@ -238,9 +256,9 @@ lc_rc gpu_keep_largest(gpu_ctx *ctx, const gpu_vol *in, int connectivity, size_t
  * where a cavity open to the top or bottom slice is not a hole. With 4 (or 8) each z slice is
  * filled on its own, its border being the slice's edges (scipy's binary_fill_holes applied to
  * every slice): the usual choice for a body outline whose lungs or bowel gas reach the first
- * or last slice. in, out: GPU_U8 of the same dims; out may be in. Scratch: one GPU_I32
- * volume (4 bytes per voxel) and one byte per background component (no copies but the
- * component count). */
+ * or last slice. in, out: GPU_U8 of the same dims; out may be in. Scratch: on CUDA one
+ * GPU_I32 volume (4 bytes per voxel), on the CPU the background's runs (as gpu_label), and
+ * one byte per background component (no copies but the component count). */
 lc_rc gpu_fill_holes(gpu_ctx *ctx, const gpu_vol *in, int bg_connectivity, gpu_vol *out,
                      lc_err *err);
 

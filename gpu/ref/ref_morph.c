@@ -38,10 +38,7 @@ static void dist_part(void *arg, int part, size_t begin, size_t end)
     }
 }
 
-/* 16 bytes at a time (GCC vector extensions: SSE2 on x86-64, whatever the target has
- * elsewhere), the row's tail byte by byte. */
-typedef uint8_t v16 __attribute__((vector_size(16)));
-
+/* 16 bytes at a time (v16, ref_internal.h), the row's tail byte by byte. */
 static void comb_row(uint8_t *restrict out, const uint8_t *restrict d, size_t nx, uint8_t w,
                      int erode)
 {

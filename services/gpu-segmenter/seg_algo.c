@@ -1,9 +1,10 @@
 /*
  * seg_algo.c: the three algorithms on the gpu/ API, one 3-D volume at a time. The volume
- * crosses to the device once and only the mask comes back; everything between runs on
- * device memory (histogram and counts excepted). The image is freed as soon as the mask
- * exists, so morphology and labelling find the most room under RADPIPE_GPU_MEMORY_LIMIT.
- * Uses the caller's gpu_ctx (one thread at a time).
+ * crosses to the device once (on the CPU backend not at all: the kernels read the caller's
+ * buffer, borrowed read-only) and only the mask comes back; everything between runs on device
+ * memory (histogram and counts excepted). The image is freed as soon as the mask exists, so
+ * morphology and labelling find the most room under RADPIPE_GPU_MEMORY_LIMIT. Uses the
+ * caller's gpu_ctx (one thread at a time).
  */
 #include <math.h>
 #include <stdlib.h>
@@ -16,29 +17,32 @@
  * strictly inside that range, so "clipped > t" and "raw > t" are the same voxels. The scan
  * over the histogram is scikit-image's threshold_otsu, as gpu_otsu_threshold does it: bin
  * centres, class weights and sums from both ends, the first maximum. *empty = 1 when the
- * clipped volume is constant (scikit-image then returns that value and nothing is above it). */
-static lc_rc otsu_clipped(gpu_ctx *ctx, const gpu_vol *img, int nbins, float a, float b,
-                          float *t, int *empty, lc_err *err)
+ * clipped volume is constant (scikit-image then returns that value and nothing is above it).
+ * A CT spans the window, so [a, b] is the range nearly always: the histogram over it is taken
+ * in the same pass as the min and max (gpu_histogram_minmax) and taken again only when the
+ * clipped range turns out narrower. */
+static lc_rc otsu_clipped(gpu_ctx *ctx, const gpu_vol *img, int nbins, float a, float b, float *t,
+                          int *empty, lc_err *err)
 {
     float lo, hi;
+    lc_rc rc = LC_OK;
+    uint64_t *hist = malloc((size_t)nbins * sizeof(*hist));
+    double *w2 = malloc((size_t)nbins * sizeof(*w2)), *s2 = malloc((size_t)nbins * sizeof(*s2));
     *empty = 0;
-    lc_rc rc = gpu_minmax(ctx, img, &lo, &hi, err);
-    if (rc != LC_OK)
-        return rc;
+    if (!hist || !w2 || !s2) {
+        rc = lc_err_set(err, LC_ERR_NOMEM, "out of memory for a histogram");
+        goto out;
+    }
+    if ((rc = gpu_histogram_minmax(ctx, img, nbins, a, b, hist, &lo, &hi, err)) != LC_OK)
+        goto out;
     lo = lo < a ? a : lo > b ? b : lo;
     hi = hi > b ? b : hi < a ? a : hi;
     if (!(lo < hi)) {
         *t = lo;
         *empty = 1;
-        return LC_OK;
-    }
-    uint64_t *hist = malloc((size_t)nbins * sizeof(*hist));
-    double *w2 = malloc((size_t)nbins * sizeof(*w2)), *s2 = malloc((size_t)nbins * sizeof(*s2));
-    if (!hist || !w2 || !s2) {
-        rc = lc_err_set(err, LC_ERR_NOMEM, "out of memory for a histogram");
         goto out;
     }
-    if ((rc = gpu_histogram(ctx, img, nbins, lo, hi, hist, err)) != LC_OK)
+    if ((lo != a || hi != b) && (rc = gpu_histogram(ctx, img, nbins, lo, hi, hist, err)) != LC_OK)
         goto out;
     double width = ((double)hi - (double)lo) / nbins, w1 = 0, s1 = 0, best = -1;
     int best_k = 0;
@@ -78,7 +82,8 @@ static lc_rc post_process(gpu_ctx *ctx, const seg_params *p, gpu_vol *m, const d
         return rc;
     if (p->keep_largest > 0 || p->min_component_mm3 > 0) {
         double vox = sp[0] * sp[1] * sp[2];
-        uint64_t min_voxels = p->min_component_mm3 > 0 ? (uint64_t)ceil(p->min_component_mm3 / vox) : 0;
+        uint64_t min_voxels =
+            p->min_component_mm3 > 0 ? (uint64_t)ceil(p->min_component_mm3 / vox) : 0;
         rc = gpu_keep_largest(ctx, m, p->connectivity, (size_t)p->keep_largest, min_voxels, m,
                               &st->components, err);
         if (rc != LC_OK)
@@ -98,7 +103,8 @@ lc_rc seg_algo_run(gpu_ctx *ctx, const seg_params *p, const float *vol, size_t n
     gpu_vol *img = NULL, *m = NULL;
     float t = 0;
     memset(st, 0, sizeof(*st));
-    lc_rc rc = gpu_vol_upload(ctx, GPU_F32, vol, nx, ny, nz, &img, err);
+    /* the image is only read: on the CPU the kernels read vol itself */
+    lc_rc rc = gpu_vol_borrow(ctx, GPU_F32, vol, nx, ny, nz, &img, err);
     if (rc == LC_OK)
         rc = gpu_vol_new(ctx, GPU_U8, nx, ny, nz, &m, err);
     if (rc != LC_OK)
@@ -130,13 +136,9 @@ lc_rc seg_algo_run(gpu_ctx *ctx, const seg_params *p, const float *vol, size_t n
     img = NULL;
     if (p->algorithm != SEG_ALGO_OTSU && (rc = post_process(ctx, p, m, spacing, st, err)) != LC_OK)
         goto out;
-    if ((rc = gpu_vol_download(ctx, m, mask, err)) != LC_OK)
+    if ((rc = gpu_count_nonzero(ctx, m, &st->voxels, err)) != LC_OK ||
+        (rc = gpu_vol_download(ctx, m, mask, err)) != LC_OK)
         goto out;
-    size_t n = nx * ny * nz;
-    uint64_t fg = 0;
-    for (size_t i = 0; i < n; i++)
-        fg += mask[i] != 0;
-    st->voxels = fg;
 out:
     gpu_vol_free(m);
     gpu_vol_free(img);

@@ -114,8 +114,15 @@ int main(int argc, char **argv)
         fprintf(stderr, "%s\n", e.msg);
         return 1;
     }
+    gpu_vol *bor = NULL;
+    STEP("borrow", "(f32: no copy on the CPU)",
+         (gpu_vol_free(bor), bor = NULL, gpu_vol_borrow(ctx, GPU_F32, vol, NX, NY, NZ, &bor, &e)));
+    gpu_vol_free(bor);
     STEP("minmax", "", gpu_minmax(ctx, img, &lo, &hi, &e));
     STEP("histogram", "(256 bins)", gpu_histogram(ctx, img, 256, lo, hi, hist, &e));
+    float lo2, hi2;
+    STEP("histogram+minmax", "(one pass, 256 bins)",
+         gpu_histogram_minmax(ctx, img, 256, -1000, 1000, hist, &lo2, &hi2, &e));
     STEP("otsu", "(minmax + histogram)", gpu_otsu_threshold(ctx, img, 256, &thr, &e));
     STEP("threshold", "", gpu_threshold(ctx, img, nextafterf(thr, INFINITY), INFINITY, m, &e));
     STEP("count", "", gpu_count_nonzero(ctx, m, &cnt, &e));
@@ -135,6 +142,7 @@ int main(int argc, char **argv)
     STEP("label sizes", "", gpu_label_sizes(ctx, lab, nl, sizes, &e));
     STEP("select largest", "(sizes + table)",
          gpu_select_components(ctx, lab, nl, 1, 0, m2, &kept, &e));
+    STEP("keep largest 6", "(label + select)", gpu_keep_largest(ctx, m, 6, 1, 0, m2, &kept, &e));
     STEP("keep largest 26", "(label + select)", gpu_keep_largest(ctx, m, 26, 1, 0, m2, &kept, &e));
     STEP("fill holes 6", "(3D)", gpu_fill_holes(ctx, m2, 6, m, &e));
     STEP("fill holes 4", "(per slice)", gpu_fill_holes(ctx, m2, 4, m, &e));

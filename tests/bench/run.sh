@@ -88,17 +88,21 @@ from skimage.measure import label
 v = np.fromfile(sys.argv[1], dtype=np.float32).reshape(300, 512, 512)
 cross2d = np.zeros((3, 3, 3), bool)
 cross2d[1] = [[0, 1, 0], [1, 1, 1], [0, 1, 0]]  # fill each slice on its own
-t0 = time.perf_counter()
-w = np.clip(v, -1000.0, 1000.0)  # the body window: level 0, width 2000
-t = threshold_otsu(w, nbins=256)
-m = w > t
-lab = label(m, connectivity=1)  # 6-connected
-sizes = np.bincount(lab.ravel())
-sizes[0] = 0
-m = lab == sizes.argmax()
-m = ndimage.binary_fill_holes(m, structure=cross2d)
-ms = (time.perf_counter() - t0) * 1000
-print("skimage_ms=%.1f threshold=%.3f voxels=%d" % (ms, t, int(m.sum())))
+times = []
+for _ in range(3):  # the median of 3, as bench_body reports ours
+    t0 = time.perf_counter()
+    w = np.clip(v, -1000.0, 1000.0)  # the body window: level 0, width 2000
+    t = threshold_otsu(w, nbins=256)
+    m = w > t
+    lab = label(m, connectivity=1)  # 6-connected
+    sizes = np.bincount(lab.ravel())
+    sizes[0] = 0
+    m = lab == sizes.argmax()
+    m = ndimage.binary_fill_holes(m, structure=cross2d)
+    n = int(m.sum())
+    times.append((time.perf_counter() - t0) * 1000)
+times.sort()
+print("skimage_ms=%.1f threshold=%.3f voxels=%d" % (times[1], t, n))
 PY
 )
 o=$(echo "$ours" | sed 's/.*ours_ms=\([0-9.]*\).*/\1/')

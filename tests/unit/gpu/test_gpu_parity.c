@@ -1,11 +1,11 @@
 /*
  * test_gpu_parity.c: the CUDA backend against the CPU reference on random and structured
- * volumes: histograms, min/max, Otsu thresholds, masks, morphology, labels, component sizes
- * and filtering, hole filling, windows and nearest-neighbour resampling must be bit-identical;
- * trilinear resampling within 1e-6 of the value range (by design identical too). Without a
- * CUDA device (or a build without CUDA) those tests are skipped, saying so. One more test
- * compares our Otsu threshold (CPU) with scikit-image's threshold_otsu, run by python3 on the
- * same voxels, within one bin width.
+ * volumes: histograms (alone and fused with min/max), min/max, Otsu thresholds, masks (also
+ * from borrowed volumes), morphology, labels, component sizes and filtering, hole filling,
+ * windows and nearest-neighbour resampling must be bit-identical; trilinear resampling within
+ * 1e-6 of the value range (by design identical too). Without a CUDA device (or a build without
+ * CUDA) those tests are skipped, saying so. One more test compares our Otsu threshold (CPU)
+ * with scikit-image's threshold_otsu, run by python3 on the same voxels, within one bin width.
  */
 #include <setjmp.h>
 #include <stdarg.h>
@@ -146,8 +146,10 @@ static fixture *fix(void **state, int cuda)
 typedef struct answers {
     float lo, hi, otsu[3];
     uint64_t *hist[4];
-    uint8_t *mask[3];
+    uint8_t *mask[4]; /* the last from a borrowed volume */
     float *back;
+    float fused_lo, fused_hi; /* gpu_histogram_minmax */
+    uint64_t fused[256];
 } answers;
 
 static const int hist_bins[4] = {1, 256, 8193, GPU_MAX_BINS}; /* shared and global paths */
@@ -171,6 +173,9 @@ static void compute(gpu_ctx *ctx, const vol *v, answers *a)
         OK(gpu_histogram(ctx, g, hist_bins[i], a->lo + w * 0.01f, a->hi - w * 0.02f, a->hist[i],
                          &err));
     }
+    float w = a->hi - a->lo;
+    OK(gpu_histogram_minmax(ctx, g, 256, a->lo + w * 0.1f, a->hi - w * 0.05f, a->fused,
+                            &a->fused_lo, &a->fused_hi, &err));
     for (int i = 0; i < 3; i++)
         OK(gpu_otsu_threshold(ctx, g, otsu_bins[i], &a->otsu[i], &err));
     OK(gpu_vol_new(ctx, GPU_U8, v->nx, v->ny, v->nz, &m, &err));
@@ -181,6 +186,14 @@ static void compute(gpu_ctx *ctx, const vol *v, answers *a)
         OK(gpu_threshold(ctx, g, ranges[i][0], ranges[i][1], m, &err));
         OK(gpu_vol_download(ctx, m, a->mask[i], &err));
     }
+    gpu_vol *b = NULL; /* on CUDA a copy, on the CPU the buffer itself: the same mask */
+    a->mask[3] = malloc(v->n);
+    assert_non_null(a->mask[3]);
+    OK(gpu_vol_borrow(ctx, GPU_F32, v->x, v->nx, v->ny, v->nz, &b, &err));
+    OK(gpu_threshold(ctx, b, ranges[0][0], ranges[0][1], m, &err));
+    OK(gpu_vol_download(ctx, m, a->mask[3], &err));
+    assert_int_equal(gpu_window(ctx, b, 40, 400, b, &err), LC_ERR_INVALID);
+    gpu_vol_free(b);
     a->back = malloc(v->n * sizeof(float));
     assert_non_null(a->back);
     OK(gpu_vol_download(ctx, g, a->back, &err));
@@ -193,7 +206,7 @@ static void answers_free(answers *a)
 {
     for (int i = 0; i < 4; i++)
         free(a->hist[i]);
-    for (int i = 0; i < 3; i++)
+    for (int i = 0; i < 4; i++)
         free(a->mask[i]);
     free(a->back);
 }
@@ -216,8 +229,14 @@ static void compare_backends(const fixture *f, vol *v)
         if (memcmp(&c.otsu[i], &g.otsu[i], sizeof(float)))
             fail_msg("%s: Otsu (%d bins): cpu %.9g, cuda %.9g", v->name, otsu_bins[i], c.otsu[i],
                      g.otsu[i]);
-    for (int i = 0; i < 3; i++)
+    for (int i = 0; i < 4; i++)
         assert_memory_equal(c.mask[i], g.mask[i], v->n);
+    assert_memory_equal(c.mask[3], c.mask[0], v->n);
+    assert_memory_equal(c.fused, g.fused, sizeof(c.fused));
+    assert_memory_equal(&c.fused_lo, &c.lo, sizeof(float));
+    assert_memory_equal(&c.fused_hi, &c.hi, sizeof(float));
+    assert_memory_equal(&g.fused_lo, &g.lo, sizeof(float));
+    assert_memory_equal(&g.fused_hi, &g.hi, sizeof(float));
     answers_free(&c);
     answers_free(&g);
     vol_free(v);

@@ -424,6 +424,77 @@ static void test_histogram_errors(void **state)
     gpu_ctx_free(ctx);
 }
 
+/* The fused pass gives what the two kernels give, for any range (guessed right, too narrow,
+ * too wide), bin count, thread count and volume length (vector loops and their tails). */
+static void test_histogram_minmax(void **state)
+{
+    (void)state;
+    static const size_t lens[] = {1, 3, 4, 15, 16, 17, 33, 64 * 64 * 20 + 7};
+    static const int nbins[] = {1, 7, 256, GPU_MAX_BINS};
+    static const float ranges[][2] = {{100, 300}, {-1e6f, 1e6f}, {250, 251}, {0, 1}};
+    uint64_t *h1 = malloc(GPU_MAX_BINS * sizeof(*h1)), *h2 = malloc(GPU_MAX_BINS * sizeof(*h2));
+    lc_err err = {0};
+    assert_non_null(h1);
+    assert_non_null(h2);
+    for (int threads = 1; threads <= 3; threads += 2) {
+        gpu_ctx *ctx = cpu_ctx(threads);
+        for (size_t li = 0; li < sizeof(lens) / sizeof(lens[0]); li++) {
+            size_t n = lens[li];
+            float *x = bimodal(n, 3 + li);
+            for (size_t i = 0; i < n; i += 5)
+                x[i] = NAN;
+            if (n > 3) {
+                x[1] = -0.0f;
+                x[2] = INFINITY;
+            }
+            gpu_vol *v = upload_f32(ctx, x, n, 1, 1);
+            for (size_t b = 0; b < sizeof(nbins) / sizeof(nbins[0]); b++)
+                for (size_t r = 0; r < sizeof(ranges) / sizeof(ranges[0]); r++) {
+                    float lo = 0, hi = 0, lo2 = 0, hi2 = 0;
+                    lc_rc rc = gpu_histogram_minmax(ctx, v, nbins[b], ranges[r][0], ranges[r][1],
+                                                    h1, &lo, &hi, &err);
+                    if (n == 1) { /* x[0] is NaN */
+                        assert_int_equal(rc, LC_ERR_INVALID);
+                        assert_non_null(strstr(err.msg, "NaN"));
+                        continue;
+                    }
+                    assert_int_equal(rc, LC_OK);
+                    assert_int_equal(gpu_minmax(ctx, v, &lo2, &hi2, &err), LC_OK);
+                    assert_int_equal(
+                        gpu_histogram(ctx, v, nbins[b], ranges[r][0], ranges[r][1], h2, &err),
+                        LC_OK);
+                    assert_memory_equal(&lo, &lo2, sizeof(lo));
+                    assert_memory_equal(&hi, &hi2, sizeof(hi));
+                    assert_memory_equal(h1, h2, (size_t)nbins[b] * sizeof(*h1));
+                    if (b == 2) {
+                        naive_hist(x, n, 256, ranges[r][0], ranges[r][1], h2);
+                        assert_memory_equal(h1, h2, 256 * sizeof(*h1));
+                    }
+                }
+            gpu_vol_free(v);
+            free(x);
+        }
+        gpu_ctx_free(ctx);
+    }
+    /* argument checks as gpu_histogram's */
+    gpu_ctx *ctx = cpu_ctx(1);
+    float x[32], lo, hi;
+    fill_index(x);
+    gpu_vol *v = upload_f32(ctx, x, 4, 4, 2), *m = NULL;
+    assert_int_equal(gpu_histogram_minmax(ctx, v, 0, 0, 1, h1, &lo, &hi, &err), LC_ERR_INVALID);
+    assert_int_equal(gpu_histogram_minmax(ctx, v, 4, 1, 1, h1, &lo, &hi, &err), LC_ERR_INVALID);
+    assert_int_equal(gpu_histogram_minmax(ctx, v, 4, 0, NAN, h1, &lo, &hi, &err), LC_ERR_INVALID);
+    assert_int_equal(gpu_histogram_minmax(ctx, v, 4, 0, 1, NULL, &lo, &hi, &err), LC_ERR_INVALID);
+    assert_int_equal(gpu_histogram_minmax(ctx, v, 4, 0, 1, h1, NULL, &hi, &err), LC_ERR_INVALID);
+    assert_int_equal(gpu_vol_new(ctx, GPU_U8, 4, 4, 2, &m, &err), LC_OK);
+    assert_int_equal(gpu_histogram_minmax(ctx, m, 4, 0, 1, h1, &lo, &hi, &err), LC_ERR_INVALID);
+    gpu_vol_free(m);
+    gpu_vol_free(v);
+    gpu_ctx_free(ctx);
+    free(h2);
+    free(h1);
+}
+
 /* --- threshold ----------------------------------------------------------------------------- */
 
 static void mask_of(gpu_ctx *ctx, gpu_vol *v, float lo, float hi, uint8_t *m)
@@ -500,6 +571,128 @@ static void test_threshold_errors(void **state)
     gpu_vol_free(m2);
     gpu_vol_free(m);
     gpu_vol_free(v);
+    gpu_ctx_free(ctx);
+}
+
+/* Borrowed volumes: the CPU reads the caller's buffer (no copy, nothing counted), kernels
+ * give what they give on an uploaded copy, and no kernel writes into one. */
+static void test_vol_borrow(void **state)
+{
+    (void)state;
+    gpu_ctx *ctx = cpu_ctx(2);
+    size_t n = 64 * 64 * 4 + 3;
+    float *x = bimodal(n, 5), lo, hi, lo2, hi2, t, t2;
+    uint8_t *m1 = malloc(n), *m2 = malloc(n);
+    gpu_vol *b = NULL, *u = upload_f32(ctx, x, n, 1, 1), *m = NULL;
+    gpu_mem_stats st;
+    lc_err err = {0};
+    assert_non_null(m1);
+    assert_non_null(m2);
+    gpu_ctx_memory(ctx, &st);
+    size_t used = st.used;
+    assert_int_equal(gpu_vol_borrow(ctx, GPU_F32, x, n, 1, 1, &b, &err), LC_OK);
+    gpu_ctx_memory(ctx, &st);
+    assert_int_equal(st.used, used); /* host memory of the caller's: not counted */
+    assert_int_equal(gpu_vol_dtype(b), GPU_F32);
+    assert_int_equal(gpu_vol_voxels(b), n);
+    assert_int_equal(gpu_minmax(ctx, b, &lo, &hi, &err), LC_OK);
+    assert_int_equal(gpu_minmax(ctx, u, &lo2, &hi2, &err), LC_OK);
+    assert_true(lo == lo2 && hi == hi2);
+    assert_int_equal(gpu_otsu_threshold(ctx, b, 256, &t, &err), LC_OK);
+    assert_int_equal(gpu_otsu_threshold(ctx, u, 256, &t2, &err), LC_OK);
+    assert_true(t == t2);
+    assert_int_equal(gpu_vol_new(ctx, GPU_U8, n, 1, 1, &m, &err), LC_OK);
+    assert_int_equal(gpu_threshold(ctx, b, t, INFINITY, m, &err), LC_OK);
+    assert_int_equal(gpu_vol_download(ctx, m, m1, &err), LC_OK);
+    assert_int_equal(gpu_threshold(ctx, u, t, INFINITY, m, &err), LC_OK);
+    assert_int_equal(gpu_vol_download(ctx, m, m2, &err), LC_OK);
+    assert_memory_equal(m1, m2, n);
+    /* read-only: never an output, the buffer untouched */
+    assert_int_equal(gpu_window(ctx, b, 40, 400, b, &err), LC_ERR_INVALID);
+    assert_non_null(strstr(err.msg, "read-only"));
+    gpu_vol_free(m);
+    assert_int_equal(gpu_vol_borrow(ctx, GPU_U8, m1, n, 1, 1, &m, &err), LC_OK);
+    assert_int_equal(gpu_threshold(ctx, u, t, INFINITY, m, &err), LC_ERR_INVALID);
+    assert_non_null(strstr(err.msg, "gpu_threshold output"));
+    /* downloads: onto the buffer itself (nothing to do) and elsewhere (a copy) */
+    assert_int_equal(gpu_vol_download(ctx, m, m1, &err), LC_OK);
+    memset(m2, 7, n);
+    assert_int_equal(gpu_vol_download(ctx, m, m2, &err), LC_OK);
+    assert_memory_equal(m1, m2, n);
+    gpu_vol_free(m);
+    gpu_vol_free(b);
+    /* a float buffer off its alignment is copied (and counted) rather than read in place */
+    assert_int_equal(gpu_vol_borrow(ctx, GPU_F32, (const uint8_t *)x + 1, 4, 1, 1, &b, &err),
+                     LC_OK);
+    gpu_ctx_memory(ctx, &st);
+    assert_int_equal(st.used, used + 16);
+    gpu_vol_free(b);
+    gpu_ctx_memory(ctx, &st);
+    assert_int_equal(st.used, used);
+    /* argument checks as gpu_vol_upload's */
+    b = (gpu_vol *)1;
+    assert_int_equal(gpu_vol_borrow(ctx, GPU_F32, NULL, 1, 1, 1, &b, &err), LC_ERR_INVALID);
+    assert_null(b);
+    assert_int_equal(gpu_vol_borrow(ctx, GPU_F32, x, 1, 1, 1, NULL, &err), LC_ERR_INVALID);
+    assert_int_equal(gpu_vol_borrow(ctx, GPU_F32, x, 0, 1, 1, &b, &err), LC_ERR_INVALID);
+    assert_int_equal(gpu_vol_borrow(ctx, (gpu_dtype)7, x, 1, 1, 1, &b, &err), LC_ERR_INVALID);
+    assert_int_equal(gpu_vol_borrow(NULL, GPU_F32, x, 1, 1, 1, &b, &err), LC_ERR_INVALID);
+    assert_null(b);
+    gpu_vol_free(u);
+    gpu_ctx_free(ctx);
+    free(m2);
+    free(m1);
+    free(x);
+}
+
+/* The vectorised kernels against their scalar definitions, on every length up to 40 (whole
+ * vectors and tails) and on values at the edges: NaN, +-0, infinities, the window's ends. */
+static void test_kernels_by_definition(void **state)
+{
+    (void)state;
+    gpu_ctx *ctx = cpu_ctx(1);
+    const float a = -160, b = 240, inv = 1.0f / 400; /* window level 40, width 400 */
+    const float special[] = {NAN, -0.0f, 0.0f, INFINITY, -INFINITY, a, b, 39.5f, -1000, 3000};
+    enum { N = 40 };
+    float x[N], y[N];
+    uint8_t m[N];
+    uint64_t seed = 9, c;
+    lc_err err = {0};
+    for (size_t n = 1; n <= N; n++) {
+        for (size_t i = 0; i < n; i++)
+            x[i] = rng_unit(&seed) < 0.5 ? special[rng_next(&seed) % 10]
+                                         : (float)(rng_unit(&seed) * 800 - 400);
+        gpu_vol *v = upload_f32(ctx, x, n, 1, 1), *o = NULL, *mv = NULL;
+        assert_int_equal(gpu_vol_new(ctx, GPU_F32, n, 1, 1, &o, &err), LC_OK);
+        assert_int_equal(gpu_vol_new(ctx, GPU_U8, n, 1, 1, &mv, &err), LC_OK);
+        /* window, bit for bit: which of +-0 survives included */
+        assert_int_equal(gpu_window(ctx, v, 40, 400, o, &err), LC_OK);
+        assert_int_equal(gpu_vol_download(ctx, o, y, &err), LC_OK);
+        for (size_t i = 0; i < n; i++) {
+            float w = x[i], cl = w < a ? a : w > b ? b : w, r = (cl - a) * inv;
+            w = isnan(w) ? w : r > 1.0f ? 1.0f : r;
+            assert_memory_equal(&y[i], &w, sizeof(w));
+        }
+        /* threshold, inclusive, NaN out */
+        assert_int_equal(gpu_threshold(ctx, v, -0.0f, 240, mv, &err), LC_OK);
+        assert_int_equal(gpu_vol_download(ctx, mv, m, &err), LC_OK);
+        size_t want = 0;
+        for (size_t i = 0; i < n; i++) {
+            assert_int_equal(m[i], x[i] >= -0.0f && x[i] <= 240);
+            want += m[i];
+        }
+        /* count, any non-zero byte */
+        for (size_t i = 0; i < n; i++)
+            m[i] *= (uint8_t)(1 + i % 200);
+        gpu_vol_free(mv);
+        mv = NULL;
+        assert_int_equal(gpu_vol_upload(ctx, GPU_U8, m, n, 1, 1, &mv, &err), LC_OK);
+        assert_int_equal(gpu_count_nonzero(ctx, mv, &c, &err), LC_OK);
+        assert_int_equal(c, want);
+        gpu_vol_free(mv);
+        gpu_vol_free(o);
+        gpu_vol_free(v);
+    }
     gpu_ctx_free(ctx);
 }
 
@@ -662,8 +855,11 @@ int main(void)
         cmocka_unit_test(test_minmax),
         cmocka_unit_test(test_histogram_by_hand),
         cmocka_unit_test(test_histogram_errors),
+        cmocka_unit_test(test_histogram_minmax),
         cmocka_unit_test(test_threshold_boundaries),
         cmocka_unit_test(test_threshold_errors),
+        cmocka_unit_test(test_vol_borrow),
+        cmocka_unit_test(test_kernels_by_definition),
         cmocka_unit_test(test_otsu_two_values),
         cmocka_unit_test(test_otsu_bimodal),
         cmocka_unit_test(test_otsu_edges),

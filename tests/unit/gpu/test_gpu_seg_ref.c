@@ -562,6 +562,255 @@ static void test_resample_by_hand(void **state)
     gpu_ctx_free(ctx);
 }
 
+/* --- components against a brute-force flood fill ------------------------------------------- */
+
+/* Neighbour offsets of a connectivity: 6 and 26 in 3D, 4 and 8 within a slice. */
+static int offsets(int conn, int d[26][3])
+{
+    int k = 0;
+    for (int dz = -1; dz <= 1; dz++)
+        for (int dy = -1; dy <= 1; dy++)
+            for (int dx = -1; dx <= 1; dx++) {
+                int a = abs(dx) + abs(dy) + abs(dz);
+                if (a == 0 || ((conn == 4 || conn == 8) && dz != 0) ||
+                    ((conn == 6 || conn == 4) && a != 1))
+                    continue;
+                d[k][0] = dx;
+                d[k][1] = dy;
+                d[k][2] = dz;
+                k++;
+            }
+    return k;
+}
+
+/* Writes v into lab for start and every voxel with fg == want connected to it; stack: room for
+ * every voxel (each is pushed once). */
+static void flood(const uint8_t *fg, uint8_t want, int32_t *lab, int32_t v, size_t start, size_t nx,
+                  size_t ny, size_t nz, int conn, size_t *stack)
+{
+    int d[26][3], nd = offsets(conn, d);
+    size_t top = 0;
+    lab[start] = v;
+    stack[top++] = start;
+    while (top) {
+        size_t i = stack[--top];
+        long x = (long)(i % nx), y = (long)(i / nx % ny), z = (long)(i / (nx * ny));
+        for (int k = 0; k < nd; k++) {
+            long a = x + d[k][0], b = y + d[k][1], c = z + d[k][2];
+            if (a < 0 || b < 0 || c < 0 || a >= (long)nx || b >= (long)ny || c >= (long)nz)
+                continue;
+            size_t j = IDX(a, b, c, nx, ny);
+            if (fg[j] == want && lab[j] != v) {
+                lab[j] = v;
+                stack[top++] = j;
+            }
+        }
+    }
+}
+
+/* scipy.ndimage.label by definition: components numbered by first voxel in raster order. */
+static size_t brute_label(const uint8_t *fg, size_t nx, size_t ny, size_t nz, int conn,
+                          int32_t *lab)
+{
+    size_t n = nx * ny * nz, nl = 0;
+    size_t *stack = malloc(n * sizeof(*stack));
+    assert_non_null(stack);
+    memset(lab, 0, n * sizeof(*lab));
+    for (size_t i = 0; i < n; i++)
+        if (fg[i] && !lab[i])
+            flood(fg, 1, lab, (int32_t)++nl, i, nx, ny, nz, conn, stack);
+    free(stack);
+    return nl;
+}
+
+/* binary_fill_holes by definition: background reached from the border stays background. */
+static void brute_fill(const uint8_t *fg, size_t nx, size_t ny, size_t nz, int conn, uint8_t *out)
+{
+    size_t n = nx * ny * nz;
+    int planar = conn == 4 || conn == 8;
+    int32_t *mark = calloc(n, sizeof(*mark));
+    size_t *stack = malloc(n * sizeof(*stack));
+    assert_non_null(mark);
+    assert_non_null(stack);
+    for (size_t z = 0; z < nz; z++)
+        for (size_t y = 0; y < ny; y++)
+            for (size_t x = 0; x < nx; x++) {
+                size_t i = IDX(x, y, z, nx, ny);
+                int edge = x == 0 || y == 0 || x + 1 == nx || y + 1 == ny ||
+                           (!planar && (z == 0 || z + 1 == nz));
+                if (edge && !fg[i] && !mark[i])
+                    flood(fg, 0, mark, 1, i, nx, ny, nz, conn, stack);
+            }
+    for (size_t i = 0; i < n; i++)
+        out[i] = fg[i] || !mark[i];
+    free(stack);
+    free(mark);
+}
+
+/* The components gpu_select_components keeps, from brute-force labels. */
+static void brute_keep(const int32_t *lab, size_t n, size_t nl, size_t k, uint64_t min_voxels,
+                       uint8_t *out, size_t *kept)
+{
+    uint64_t *sz = calloc(nl + 1, sizeof(*sz));
+    uint8_t *keep = calloc(nl + 1, 1);
+    assert_non_null(sz);
+    assert_non_null(keep);
+    for (size_t i = 0; i < n; i++)
+        sz[lab[i]]++;
+    *kept = 0;
+    /* the largest first, ties to the smaller label, k times (0: all that are big enough) */
+    for (size_t round = 0; k == 0 || round < k; round++) {
+        size_t best = 0;
+        for (size_t l = 1; l <= nl; l++)
+            if (!keep[l] && sz[l] >= min_voxels && sz[l] > 0 && (!best || sz[l] > sz[best]))
+                best = l;
+        if (!best)
+            break;
+        keep[best] = 1;
+        ++*kept;
+    }
+    for (size_t i = 0; i < n; i++)
+        out[i] = keep[lab[i]];
+    free(keep);
+    free(sz);
+}
+
+static void check_components(gpu_ctx *ctx, const uint8_t *m, size_t nx, size_t ny, size_t nz)
+{
+    static const int conns[4] = {6, 26, 4, 8};
+    size_t n = nx * ny * nz, nl = 0, kept = 0, want_kept = 0;
+    uint8_t *fg = malloc(n), *want = malloc(n), *got = malloc(n);
+    int32_t *lab = malloc(n * sizeof(*lab)), *ref = malloc(n * sizeof(*ref));
+    gpu_vol *v = up(ctx, GPU_U8, m, nx, ny, nz), *o = blank(ctx, GPU_U8, nx, ny, nz);
+    gpu_vol *l = blank(ctx, GPU_I32, nx, ny, nz);
+    lc_err err = {0};
+    assert_non_null(fg);
+    assert_non_null(want);
+    assert_non_null(got);
+    assert_non_null(lab);
+    assert_non_null(ref);
+    for (size_t i = 0; i < n; i++)
+        fg[i] = m[i] != 0;
+    for (int c = 0; c < 4; c++) {
+        size_t ref_nl = brute_label(fg, nx, ny, nz, conns[c], ref);
+        assert_int_equal(gpu_label(ctx, v, conns[c], l, &nl, &err), LC_OK);
+        down(ctx, l, lab);
+        assert_int_equal(nl, ref_nl);
+        assert_memory_equal(lab, ref, n * sizeof(*lab));
+        uint64_t *sz = calloc(nl + 1, sizeof(*sz)), *ref_sz = calloc(nl + 1, sizeof(*sz));
+        assert_non_null(sz);
+        assert_non_null(ref_sz);
+        for (size_t i = 0; i < n; i++)
+            ref_sz[ref[i]]++;
+        assert_int_equal(gpu_label_sizes(ctx, l, nl, sz, &err), LC_OK);
+        assert_memory_equal(sz, ref_sz, (nl + 1) * sizeof(*sz));
+        free(ref_sz);
+        free(sz);
+        brute_keep(ref, n, ref_nl, 2, 0, want, &want_kept);
+        assert_int_equal(gpu_select_components(ctx, l, nl, 2, 0, o, &kept, &err), LC_OK);
+        down(ctx, o, got);
+        assert_int_equal(kept, want_kept);
+        assert_memory_equal(got, want, n);
+        static const size_t ks[3] = {1, 2, 0};
+        static const uint64_t mins[3] = {0, 3, 2};
+        for (int t = 0; t < 3; t++) {
+            brute_keep(ref, n, ref_nl, ks[t], mins[t], want, &want_kept);
+            assert_int_equal(gpu_keep_largest(ctx, v, conns[c], ks[t], mins[t], o, &kept, &err),
+                             LC_OK);
+            down(ctx, o, got);
+            assert_int_equal(kept, want_kept);
+            assert_memory_equal(got, want, n);
+        }
+        brute_fill(fg, nx, ny, nz, conns[c], want);
+        assert_int_equal(gpu_fill_holes(ctx, v, conns[c], o, &err), LC_OK);
+        down(ctx, o, got);
+        assert_memory_equal(got, want, n);
+    }
+    gpu_vol_free(l);
+    gpu_vol_free(o);
+    gpu_vol_free(v);
+    free(ref);
+    free(lab);
+    free(got);
+    free(want);
+    free(fg);
+}
+
+/* Label volumes with long runs of one label (the CPU takes 16 equal labels at once), labels
+ * out of range among them. */
+static void test_label_tables_long_runs(void **state)
+{
+    (void)state;
+    gpu_ctx *ctx = cpu_ctx(1);
+    enum { N = 100 };
+    int32_t L[N];
+    uint8_t o[N];
+    uint64_t sz[8];
+    size_t kept = 0;
+    lc_err err = {0};
+    for (int i = 0; i < N; i++)
+        L[i] = i < 20 ? 1 : i < 40 ? 0 : i < 70 ? 2 : 7;
+    gpu_vol *l = up(ctx, GPU_I32, L, N, 1, 1), *r = blank(ctx, GPU_U8, N, 1, 1);
+    assert_int_equal(gpu_label_sizes(ctx, l, 7, sz, &err), LC_OK);
+    const uint64_t want[8] = {20, 20, 30, 0, 0, 0, 0, 30};
+    assert_memory_equal(sz, want, sizeof(want));
+    /* 2 and 7 tie at 30: 2 wins */
+    assert_int_equal(gpu_select_components(ctx, l, 7, 1, 0, r, &kept, &err), LC_OK);
+    assert_int_equal(kept, 1);
+    down(ctx, r, o);
+    for (int i = 0; i < N; i++)
+        assert_int_equal(o[i], i >= 40 && i < 70);
+    gpu_vol_free(l);
+    for (int i = 70; i < N; i++)
+        L[i] = -3;
+    l = up(ctx, GPU_I32, L, N, 1, 1);
+    assert_int_equal(gpu_label_sizes(ctx, l, 7, sz, &err), LC_ERR_INVALID);
+    assert_non_null(strstr(err.msg, "30 voxels"));
+    gpu_vol_free(r);
+    gpu_vol_free(l);
+    gpu_ctx_free(ctx);
+}
+
+/* Labels, keep-largest and hole filling against flood fills, on rows shorter and longer than
+ * the 64-voxel blocks the CPU finds runs in (runs that end at and across block edges), single
+ * rows and columns, any non-zero byte as foreground, densities from sparse to nearly full. */
+static void test_components_brute_force(void **state)
+{
+    (void)state;
+    static const size_t dims[][3] = {{130, 7, 5}, {64, 4, 3},  {65, 3, 4}, {1, 50, 3},
+                                     {200, 1, 1}, {129, 9, 2}, {3, 3, 1},  {17, 11, 13}};
+    static const int density[] = {10, 45, 70, 95};
+    uint64_t seed = 11;
+    for (int threads = 1; threads <= 3; threads += 2) {
+        gpu_ctx *ctx = cpu_ctx(threads);
+        for (size_t d = 0; d < sizeof(dims) / sizeof(dims[0]); d++) {
+            size_t nx = dims[d][0], ny = dims[d][1], nz = dims[d][2], n = nx * ny * nz;
+            uint8_t *m = malloc(n);
+            assert_non_null(m);
+            for (size_t p = 0; p < sizeof(density) / sizeof(density[0]); p++) {
+                for (size_t i = 0; i < n; i++)
+                    m[i] = rng_next(&seed) % 100 < (uint64_t)density[p]
+                               ? (uint8_t)(1 + rng_next(&seed) % 255)
+                               : 0;
+                check_components(ctx, m, nx, ny, nz);
+            }
+            /* stripes: runs of 63, 64 and 65 voxels, and a hollow box per slice */
+            for (size_t i = 0; i < n; i++) {
+                size_t x = i % nx, y = i / nx % ny;
+                m[i] = (x + 3 * y) % 67 < 64 - y % 3;
+            }
+            check_components(ctx, m, nx, ny, nz);
+            for (size_t i = 0; i < n; i++) {
+                size_t x = i % nx, y = i / nx % ny;
+                m[i] = x == 1 || y == 1 || x + 2 == nx || y + 2 == ny;
+            }
+            check_components(ctx, m, nx, ny, nz);
+            free(m);
+        }
+        gpu_ctx_free(ctx);
+    }
+}
+
 /* --- contexts: memory limit, warm-up --------------------------------------------------------- */
 
 static void test_memory_limit(void **state)
@@ -585,8 +834,9 @@ static void test_memory_limit(void **state)
     assert_non_null(strstr(err.msg, "1000 in use"));
     gpu_ctx_memory(ctx, &st);
     assert_int_equal(st.used, 1000);
-    /* kernel scratch counts too: morphology needs one more mask (1000 bytes), labelling of
-     * hole filling 4000 */
+    /* kernel scratch counts too: morphology needs one more mask (1000 bytes); hole filling of
+     * the empty a labels its background by runs, 404 bytes of row offsets and 1200 for its
+     * 100 runs (a label volume on CUDA: 4000) */
     assert_int_equal(gpu_vol_new(ctx, GPU_U8, 10, 10, 10, &b, &err), LC_OK);
     assert_int_equal(gpu_morphology(ctx, GPU_MORPH_CLOSE, a, 1, NULL, b, &err), LC_OK);
     gpu_ctx_memory(ctx, &st);
@@ -762,6 +1012,8 @@ int main(void)
         cmocka_unit_test(test_label_by_hand),
         cmocka_unit_test(test_select_components),
         cmocka_unit_test(test_fill_holes),
+        cmocka_unit_test(test_components_brute_force),
+        cmocka_unit_test(test_label_tables_long_runs),
         cmocka_unit_test(test_resample_by_hand),
         cmocka_unit_test(test_memory_limit),
         cmocka_unit_test(test_warm_up),
