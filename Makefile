@@ -186,6 +186,8 @@ $(BUILD)/bench/bench_body: $(BUILD)/obj/tests/bench/bench_body.o $(SVC_LIBOBJ_gp
 		$(LIBGPU) $(LIBCOMMON)
 	@mkdir -p $(@D)
 	$(CXX) $(LDFLAGS) -o $@ $< $(SVC_LIBOBJ_gpu-segmenter) $(LINK_LIBS)
+# helpers of the stack benchmarks (bench_ingest.sh, bench_dicomweb.sh): the generic rule above
+BENCH_BINS += $(BUILD)/bench/gen_ct $(BUILD)/bench/ingest_feed $(BUILD)/bench/post_load
 
 # --- fuzz targets (clang, libFuzzer): tests/fuzz/fuzz_<name>.c, seeds in tests/fuzz/<name>/ -
 FUZZ_SRC := $(wildcard tests/fuzz/fuzz_*.c)

@@ -58,7 +58,7 @@ typedef struct idx_ctx {
     lc_counter *m_inserted, *m_replaced, *m_duplicate, *m_quarantined, *m_completed;
     lc_histogram *m_batch;
     /* ingest (idx_ingest.c): the parse pool and its metrics */
-    struct idx_pool *pool;          /* owned; NULL when parsing on the consuming thread only */
+    struct idx_pool *pool;          /* owned; without helpers on a single CPU */
     lc_counter *m_parse_failures;   /* files that are not readable DICOM */
     lc_histogram *m_batch_size;     /* messages per batch */
     lc_histogram *m_stage_queue;    /* event time to the start of its batch */
@@ -122,22 +122,31 @@ typedef struct idx_item {
     char reason[320];  /* IDX_QUARANTINE */
     char *qkey;        /* owned: where the quarantined bytes were kept, NULL when nowhere */
     int parse_failed;  /* the object is not readable DICOM (a parse failure, for the metric) */
+    int deferred;      /* its SOPInstanceUID repeats in the batch: written after every load */
     int64_t event_ms;  /* event time (CloudEvents time, else the broker's timestamp); -1 */
     lc_rc load_rc;     /* a transient failure of the load step (the batch is redelivered) */
     char load_err[256];
 } idx_item;
 
+/* A batch for idx_db_write. The objects are loaded on x->pool (a started run over items,
+ * idx_pool_start) while the write goes on: it waits for each chunk of items before it writes
+ * them. */
 typedef struct idx_write {
     idx_ctx *x;
     idx_item *items;
     size_t n;
+    int64_t loaded_ms; /* out: lc_now_ms() when every object of the batch was loaded */
+    lc_rc load_rc;     /* out: a transient failure of the load step (the batch is redelivered) */
+    char load_err[256];
 } idx_write;
 
 /* Mark items whose event id is already in processed_events as IDX_SKIP (one query). */
 lc_rc idx_db_mark_processed(lc_db *db, idx_item *items, size_t n, lc_err *err);
-/* The lc_db_tx_fn writing a batch (ctx: idx_write): processed_events, quarantine and DLQ
- * rows, study/series/instance upserts and the counts of the studies that changed. Sets each
- * item's result; safe to run again after a rollback. */
+/* The lc_db_tx_fn writing a batch (ctx: idx_write): processed_events, then patients,
+ * studies, series, instances and their DICOM JSON chunk by chunk as the objects are loaded,
+ * then quarantine and DLQ rows and the counts of the studies that changed. Sets each item's
+ * result; safe to run again after a rollback. A transient load failure ends it with
+ * LC_ERR_CANCELLED and w->load_rc set. */
 lc_rc idx_db_write(lc_db *db, void *ctx, lc_err *err);
 
 /* A DICOM DA value as the index stores it: "YYYYMMDD" (an old "YYYY.MM.DD" loses its dots);
@@ -158,12 +167,23 @@ lc_rc idx_quarantine_put(lc_store *store, const char *origin, const char *src_pa
 /* --- the parse pool (idx_pool.c) ------------------------------------------------------- */
 
 typedef struct idx_pool idx_pool;
-/* threads helpers (besides the caller); 0 gives NULL (no pool, no error). */
+/* threads helpers (besides the caller); 0: a pool whose runs happen on the caller alone. */
 lc_rc idx_pool_new(int threads, idx_pool **out, lc_err *err);
+/* Finishes a started run first. Accepts NULL. */
 void idx_pool_free(idx_pool *p);
 /* Run fn(ctx, i) for every i in [0, n) on the pool's threads and the calling thread; returns
  * once all are done. p may be NULL (everything on the caller). */
 void idx_pool_run(idx_pool *p, size_t n, void (*fn)(void *ctx, size_t i), void *ctx);
+/* Start fn(ctx, i) for every i in [0, n) on the pool's threads (in index order) and return
+ * at once; idx_pool_wait and idx_pool_finish follow, on the same thread. fn and ctx must stay
+ * valid until idx_pool_finish returns. */
+void idx_pool_start(idx_pool *p, size_t n, void (*fn)(void *ctx, size_t i), void *ctx);
+/* Return once fn(ctx, i) has returned for every i in [from, to) of the started run; the
+ * caller runs indices below `to` that no helper took yet. No-op without a started run. */
+void idx_pool_wait(idx_pool *p, size_t from, size_t to);
+/* Wait for the whole started run and end it (the next run may start). Accepts NULL and no
+ * started run. */
+void idx_pool_finish(idx_pool *p);
 
 /* --- the spool watcher (idx_spool.c) --------------------------------------------------- */
 

@@ -1,9 +1,12 @@
 /*
- * idx_db.c: the indexer's writes. A batch goes to PostgreSQL as one COPY into a session-local
- * staging table (idx_stage, emptied at each commit), from which a handful of multi-row
- * statements upsert patients, studies, series, instances and their DICOM JSON, and recount the
- * studies that changed; all inside the caller's transaction, so the batch is indexed entirely
- * or not at all. Functions take the consuming thread's connection; nothing here keeps state.
+ * idx_db.c: the indexer's writes. A batch goes to PostgreSQL in chunks, each as it is loaded
+ * by the parse pool (so PostgreSQL works while the pool parses the next chunk): one COPY into
+ * a session-local staging table (idx_stage), a handful of multi-row statements that upsert
+ * patients, studies, series and instances from it, and one COPY of the new instances' DICOM
+ * JSON straight into instance_metadata (LZ4-compressed where the server can); then one
+ * statement recounts the studies that changed. All inside the caller's transaction, so the
+ * batch is indexed entirely or not at all. Functions take the consuming thread's connection;
+ * nothing here keeps state.
  *
  * Name normalisation (the *_norm columns, proto/sql/002_qido.sql): PostgreSQL's upper() of the
  * value as stored (the whole PN value, every component group), computed in the upsert itself,
@@ -19,6 +22,11 @@
 #include <string.h>
 #include "idx.h"
 #include "lc/outbox.h"
+#include "lc/util.h"
+
+/* Items per chunk of a batch's writes: small enough that PostgreSQL starts early and works
+ * while the pool parses the next chunk, large enough for multi-row statements to pay. */
+#define IDX_WRITE_CHUNK 100
 
 /* The staging table: one row per instance to write, in COPY's column order (see stage_row). */
 static const char stage_sql[] =
@@ -33,9 +41,22 @@ static const char stage_sql[] =
     " instance_number int, rows int, columns int, number_of_frames int, bits_allocated int,"
     " content_date text, content_time text, image_position float8[],"
     " image_orientation float8[], pixel_spacing float8[], slice_thickness float8,"
-    " store_key text, size_bytes bigint, sha256 text, metadata text) ON COMMIT DELETE ROWS";
+    " store_key text, size_bytes bigint, sha256 text) ON COMMIT DELETE ROWS";
 
 static const char copy_sql[] = "COPY idx_stage FROM STDIN";
+/* Between the chunks of one transaction (the commit empties it anyway). */
+static const char unstage_sql[] = "DELETE FROM idx_stage";
+
+/* The DICOM JSON goes straight into instance_metadata, parsed and compressed once: staging
+ * it would compress, decompress and parse the ~10 KB documents a second time. */
+static const char copy_md_sql[] = "COPY instance_metadata (sop_uid, json) FROM STDIN";
+
+/* TOAST compression of this transaction's writes: LZ4 where the server has it (PostgreSQL
+ * 14+ built with lz4), several times cheaper than the default pglz on the DICOM JSON, which
+ * is most of the bytes a batch writes. Readers decompress either transparently. */
+static const char lz4_sql[] =
+    "SELECT set_config('default_toast_compression', 'lz4', true) FROM pg_settings"
+    " WHERE name = 'default_toast_compression' AND 'lz4' = ANY (enumvals)";
 
 /* Descriptive values: the latest instance that has one wins (a NULL never overwrites); a row
  * is only rewritten when a value really changes, so re-sent instances leave it untouched. */
@@ -103,8 +124,9 @@ static const char upsert_series_sql[] =
 #undef NEWV
 
 /* A known SOPInstanceUID with other bytes is replaced (latest wins); the same bytes again
- * change nothing. (xmax = 0) tells a fresh insert from an update. The DICOM JSON is written
- * with the row for new and replaced instances, and for known ones that lack it. */
+ * change nothing. (xmax = 0) tells a fresh insert ('i') from an update ('r'); known instances
+ * that lack their DICOM JSON come back as 'm'. The DICOM JSON of all three is then copied
+ * into instance_metadata (copy_md_sql). */
 static const char upsert_instances_sql[] =
     "WITH up AS (INSERT INTO instances AS i (sop_uid, series_uid, study_uid, sop_class_uid,"
     " transfer_syntax_uid, instance_number, rows, columns, number_of_frames, bits_allocated,"
@@ -127,14 +149,16 @@ static const char upsert_instances_sql[] =
     " sha256 = EXCLUDED.sha256, replaced_count = i.replaced_count + 1, received_at = now(),"
     " updated_at = now()"
     " WHERE i.sha256 IS DISTINCT FROM EXCLUDED.sha256"
-    " RETURNING i.sop_uid, (i.xmax = 0) AS inserted),"
-    " md AS (INSERT INTO instance_metadata AS m (sop_uid, json)"
-    " SELECT r.sop_uid, r.metadata::jsonb FROM idx_stage r"
-    " WHERE r.sop_uid IN (SELECT sop_uid FROM up)"
-    " OR NOT EXISTS (SELECT 1 FROM instance_metadata e WHERE e.sop_uid = r.sop_uid)"
-    " ORDER BY r.sop_uid"
-    " ON CONFLICT (sop_uid) DO UPDATE SET json = EXCLUDED.json)"
-    " SELECT sop_uid, inserted FROM up";
+    " RETURNING i.sop_uid, CASE WHEN i.xmax = 0 THEN 'i' ELSE 'r' END AS what)"
+    " SELECT sop_uid, what FROM up UNION ALL"
+    " SELECT r.sop_uid, 'm' FROM idx_stage r"
+    " WHERE r.sop_uid NOT IN (SELECT sop_uid FROM up)"
+    " AND NOT EXISTS (SELECT 1 FROM instance_metadata e WHERE e.sop_uid = r.sop_uid)";
+
+/* The DICOM JSON of replaced instances is written again (COPY cannot update). */
+static const char drop_md_sql[] =
+    "DELETE FROM instance_metadata"
+    " WHERE sop_uid = ANY (SELECT jsonb_array_elements_text($1::jsonb))";
 
 /* Counts are recomputed from the instances table (never incremented), so they stay exact
  * whatever was redelivered; the studies are marked dirty for completion. */
@@ -317,11 +341,10 @@ static void b_addf(buf *b, const char *fmt, ...)
         b_add(b, tmp, (size_t)n < sizeof(tmp) ? (size_t)n : sizeof(tmp) - 1);
 }
 
-/* One text field of COPY's text format: \N for NULL; backslash, tab, newline and carriage
- * return escaped. sep: the tab before it (all but the first field). */
-static void f_str(buf *b, const char *s)
+/* A text value in COPY's text format: \N for NULL; backslash, tab, newline and carriage
+ * return escaped. */
+static void put_text(buf *b, const char *s)
 {
-    b_add(b, "\t", 1);
     if (!s) {
         b_add(b, "\\N", 2);
         return;
@@ -350,6 +373,13 @@ static void f_str(buf *b, const char *s)
             o[0] = c, b->len += 1;
         }
     }
+}
+
+/* One text field after the first: the tab before it, then the value. */
+static void f_str(buf *b, const char *s)
+{
+    b_add(b, "\t", 1);
+    put_text(b, s);
 }
 
 /* Attributes that DICOM leaves at 0 when absent are stored as NULL. */
@@ -460,7 +490,6 @@ static void stage_row(buf *b, const idx_item *it, size_t ord)
     f_str(b, it->key);
     b_addf(b, "\t%lld", it->size);
     f_str(b, it->sha256);
-    f_str(b, h->json ? h->json : "{}");
     b_add(b, "\n", 1);
     norm_free(&z);
 }
@@ -484,11 +513,11 @@ static lc_rc pq_fail(lc_db *db, PGresult *r, const char *what, lc_err *err)
                       state ? state : "none");
 }
 
-/* COPY the staging rows (b) into idx_stage. */
-static lc_rc copy_rows(lc_db *db, const buf *b, lc_err *err)
+/* COPY rows (b) with sql ("COPY ... FROM STDIN"). */
+static lc_rc copy_rows(lc_db *db, const char *sql, const buf *b, lc_err *err)
 {
     PGconn *c = lc_db_conn(db);
-    PGresult *r = PQexec(c, copy_sql);
+    PGresult *r = PQexec(c, sql);
     if (PQresultStatus(r) != PGRES_COPY_IN) {
         lc_rc rc = pq_fail(db, r, "start the COPY of the batch", err);
         PQclear(r);
@@ -520,82 +549,166 @@ static int sop_cmp(const void *a, const void *b)
     return strcmp((*x)->sop_uid, (*y)->sop_uid);
 }
 
+/* One instance_metadata row: the SOPInstanceUID and the DICOM JSON. */
+static void md_row(buf *b, const idx_item *it)
+{
+    put_text(b, it->h->sop_instance_uid);
+    f_str(b, it->h->json ? it->h->json : "{}");
+    b_add(b, "\n", 1);
+}
+
 /* Upsert patients, studies, series and instances of the items in w (READY and claimed; SOP
- * UIDs are unique among them), set each one's result and recount the studies that changed. */
-static lc_rc write_instances(lc_db *db, idx_item **w, size_t m, lc_err *err)
+ * UIDs are unique among them), write the DICOM JSON of the new and changed ones and set each
+ * one's result; the studies of the new and changed ones are appended to touched. */
+static lc_rc write_instances(lc_db *db, idx_item **w, size_t m, cJSON *touched, lc_err *err)
 {
     lc_rc rc = LC_OK;
     PGresult *res = NULL;
-    char *touched_s = NULL;
-    cJSON *touched = cJSON_CreateArray();
-    buf b = {0};
-    if (!touched)
+    char *replaced_s = NULL;
+    cJSON *replaced = cJSON_CreateArray();
+    buf b = {0}, md = {0};
+    size_t nmd = 0;
+    if (!replaced)
         goto nomem;
     for (size_t j = 0; j < m; j++)
         stage_row(&b, w[j], j);
     if (b.oom)
         goto nomem;
-    if ((rc = lc_db_exec(db, stage_sql, 0, NULL, NULL, err)) != LC_OK ||
-        (rc = copy_rows(db, &b, err)) != LC_OK ||
+    if ((rc = lc_db_exec(db, unstage_sql, 0, NULL, NULL, err)) != LC_OK ||
+        (rc = copy_rows(db, copy_sql, &b, err)) != LC_OK ||
         (rc = lc_db_exec(db, upsert_patients_sql, 0, NULL, NULL, err)) != LC_OK ||
         (rc = lc_db_exec(db, upsert_studies_sql, 0, NULL, NULL, err)) != LC_OK ||
         (rc = lc_db_exec(db, upsert_series_sql, 0, NULL, NULL, err)) != LC_OK ||
         (rc = lc_db_exec(db, upsert_instances_sql, 0, NULL, &res, err)) != LC_OK)
         goto out;
 
-    /* rows come back only for new or changed instances: the rest were duplicates */
+    /* rows come back for new ('i') or changed ('r') instances, and for known ones without
+     * their DICOM JSON ('m'): the rest were duplicates */
     qsort(w, m, sizeof(*w), sop_cmp);
     for (size_t j = 0; j < m; j++)
         w[j]->result = IDX_R_DUPLICATE;
     for (int r = 0; r < PQntuples(res); r++) {
         idx_item key = {.sop_uid = PQgetvalue(res, r, 0)}, *kp = &key;
         idx_item **hit = bsearch(&kp, w, m, sizeof(*w), sop_cmp);
+        const char what = PQgetvalue(res, r, 1)[0];
         if (!hit) {
             rc = lc_err_set(err, LC_ERR_INTERNAL, "upsert returned an unknown instance");
             goto out;
         }
-        (*hit)->result = strcmp(PQgetvalue(res, r, 1), "t") == 0 ? IDX_R_INSERTED : IDX_R_REPLACED;
+        md_row(&md, *hit);
+        nmd++;
+        if (what == 'm')
+            continue;
+        (*hit)->result = what == 'i' ? IDX_R_INSERTED : IDX_R_REPLACED;
         cJSON *s = cJSON_CreateString((*hit)->study_uid);
         if (!s || !cJSON_AddItemToArray(touched, s)) {
             cJSON_Delete(s);
             goto nomem;
         }
+        if (what == 'r') {
+            cJSON *u = cJSON_CreateString((*hit)->sop_uid);
+            if (!u || !cJSON_AddItemToArray(replaced, u)) {
+                cJSON_Delete(u);
+                goto nomem;
+            }
+        }
     }
-    if (PQntuples(res) == 0)
-        goto out;
-    touched_s = print_free(touched);
-    touched = NULL;
-    if (!touched_s)
+    if (md.oom)
         goto nomem;
-    const char *p[1] = {touched_s};
-    rc = lc_db_exec(db, recount_sql, 1, p, NULL, err);
+    if (cJSON_GetArraySize(replaced) > 0) {
+        if (!(replaced_s = cJSON_PrintUnformatted(replaced)))
+            goto nomem;
+        const char *p[1] = {replaced_s};
+        if ((rc = lc_db_exec(db, drop_md_sql, 1, p, NULL, err)) != LC_OK)
+            goto out;
+    }
+    if (nmd > 0)
+        rc = copy_rows(db, copy_md_sql, &md, err);
     goto out;
 nomem:
     rc = lc_err_set(err, LC_ERR_NOMEM, "out of memory building the index rows");
 out:
     PQclear(res);
-    cJSON_Delete(touched);
-    free(touched_s);
+    cJSON_Delete(replaced);
+    free(replaced_s);
     free(b.p);
+    free(md.p);
     return rc;
+}
+
+/* Wait for the objects of items [from, to) (the parse pool); 0 when none failed transiently,
+ * else the failure is recorded in wr. */
+static int loaded(idx_write *wr, size_t from, size_t to)
+{
+    idx_pool_wait(wr->x->pool, from, to);
+    for (size_t i = from; i < to; i++) {
+        if (wr->items[i].load_rc != LC_OK) {
+            wr->load_rc = wr->items[i].load_rc;
+            snprintf(wr->load_err, sizeof(wr->load_err), "%s", wr->items[i].load_err);
+            return -1;
+        }
+    }
+    return 0;
+}
+
+/* Among the deferred items (a SOPInstanceUID repeated in the batch) that are READY once
+ * loaded, only the last of each SOPInstanceUID is written: the others are superseded, so a
+ * multi-row upsert never touches a row twice and the latest file wins. */
+static void supersede(idx_item *items, size_t n)
+{
+    for (size_t i = 0; i < n; i++) {
+        idx_item *it = &items[i];
+        if (!it->deferred || it->state != IDX_READY)
+            continue;
+        for (size_t j = i + 1; j < n; j++) {
+            if (items[j].deferred && items[j].state == IDX_READY &&
+                strcmp(items[j].sop_uid, it->sop_uid) == 0) {
+                it->state = IDX_SUPERSEDED;
+                lc_dicom_header_free(it->h);
+                it->h = NULL;
+                break;
+            }
+        }
+    }
 }
 
 lc_rc idx_db_write(lc_db *db, void *ctx, lc_err *err)
 {
     idx_write *wr = ctx;
     idx_item *items = wr->items;
-    size_t n = wr->n, m = 0;
+    size_t n = wr->n;
     lc_rc rc;
+    char *touched_s = NULL;
+    cJSON *touched = cJSON_CreateArray();
     int *claimed = calloc(n ? n : 1, sizeof(*claimed));
     idx_item **w = calloc(n ? n : 1, sizeof(*w));
-    if (!claimed || !w) {
+    if (!claimed || !w || !touched) {
         rc = lc_err_set(err, LC_ERR_NOMEM, "out of memory");
         goto out;
     }
     for (size_t i = 0; i < n; i++)
         items[i].result = IDX_R_DUPLICATE; /* skipped, superseded or claimed elsewhere */
-    if ((rc = claim_events(db, items, n, claimed, err)) != LC_OK)
+    if ((rc = claim_events(db, items, n, claimed, err)) != LC_OK ||
+        (rc = lc_db_exec(db, lz4_sql, 0, NULL, NULL, err)) != LC_OK ||
+        (rc = lc_db_exec(db, stage_sql, 0, NULL, NULL, err)) != LC_OK)
         goto out;
+    /* chunk by chunk as the pool loads them: this chunk's rows go to PostgreSQL while the
+     * pool parses the next chunk's objects; deferred items wait for the end */
+    for (size_t from = 0; from < n; from += IDX_WRITE_CHUNK) {
+        size_t to = from + IDX_WRITE_CHUNK < n ? from + IDX_WRITE_CHUNK : n, m = 0;
+        if (loaded(wr, from, to) != 0) {
+            rc = lc_err_set(err, LC_ERR_CANCELLED, "%s", wr->load_err);
+            goto out;
+        }
+        for (size_t i = from; i < to; i++)
+            if (items[i].state == IDX_READY && claimed[i] && !items[i].deferred)
+                w[m++] = &items[i];
+        if (m > 0 && (rc = write_instances(db, w, m, touched, err)) != LC_OK)
+            goto out;
+    }
+    wr->loaded_ms = lc_now_ms();
+    supersede(items, n);
+    size_t m = 0;
     for (size_t i = 0; i < n; i++) {
         idx_item *it = &items[i];
         /* an invalid event has no id to claim: it is quarantined on every delivery */
@@ -603,13 +716,23 @@ lc_rc idx_db_write(lc_db *db, void *ctx, lc_err *err)
             if ((rc = add_quarantine(db, wr->x, it, err)) != LC_OK)
                 goto out;
             it->result = IDX_R_QUARANTINED;
-        } else if (it->state == IDX_READY && claimed[i]) {
+        } else if (it->state == IDX_READY && claimed[i] && it->deferred) {
             w[m++] = it;
         }
     }
-    if (m > 0)
-        rc = write_instances(db, w, m, err);
+    if (m > 0 && (rc = write_instances(db, w, m, touched, err)) != LC_OK)
+        goto out;
+    if (cJSON_GetArraySize(touched) == 0)
+        goto out;
+    if (!(touched_s = cJSON_PrintUnformatted(touched))) {
+        rc = lc_err_set(err, LC_ERR_NOMEM, "out of memory");
+        goto out;
+    }
+    const char *p[1] = {touched_s};
+    rc = lc_db_exec(db, recount_sql, 1, p, NULL, err);
 out:
+    cJSON_Delete(touched);
+    free(touched_s);
     free(claimed);
     free(w);
     return rc;

@@ -569,8 +569,9 @@ static int keyed_cmp(const void *a, const void *b)
 }
 
 /* Within one batch: a repeated event id keeps its first message (the rest are IDX_SKIP); a
- * repeated SOPInstanceUID among READY items keeps its last (the rest are IDX_SUPERSEDED), so
- * multi-row upserts never touch a row twice and the latest file wins. */
+ * SOPInstanceUID that several READY items announce marks them all deferred: they are written
+ * once every object is loaded, and only the last that loads cleanly (idx_db.c), so the
+ * latest file wins. */
 static lc_rc mark_repeats(idx_item *items, size_t n, int by_sop, lc_err *err)
 {
     keyed *k = malloc((n ? n : 1) * sizeof(*k));
@@ -585,14 +586,10 @@ static lc_rc mark_repeats(idx_item *items, size_t n, int by_sop, lc_err *err)
     for (size_t j = 0; j + 1 < m; j++) {
         if (strcmp(k[j].key, k[j + 1].key) != 0)
             continue;
-        if (by_sop) {
-            idx_item *it = &items[k[j].i];
-            it->state = IDX_SUPERSEDED;
-            lc_dicom_header_free(it->h);
-            it->h = NULL;
-        } else {
+        if (by_sop)
+            items[k[j].i].deferred = items[k[j + 1].i].deferred = 1;
+        else
             items[k[j + 1].i].state = IDX_SKIP;
-        }
     }
     free(k);
     return LC_OK;
@@ -671,25 +668,26 @@ lc_rc idx_handle_batch(void *ctx, const lc_kafka_msg *msgs, size_t n, lc_err *er
     if (strncmp(lc_store_url(x->store), "file://", 7) != 0 &&
         (rc = ensure_tmpdir(x, err)) != LC_OK)
         goto out;
-    t_load = lc_now_ms();
-    load_ctx lc = {x, items};
-    idx_pool_run(x->pool, n, load_one, &lc);
-    t_load = lc_now_ms() - t_load;
-    for (size_t i = 0; i < n; i++) {
-        if (items[i].load_rc != LC_OK) {
-            rc = lc_err_set(err, items[i].load_rc, "%s", items[i].load_err);
-            goto out;
-        }
-    }
     if ((rc = mark_repeats(items, n, 1, err)) != LC_OK)
         goto out;
-    idx_write w = {x, items, n};
-    t_write = lc_now_ms();
-    if ((rc = lc_db_tx(x->db, TX_ATTEMPTS, idx_db_write, &w, err)) != LC_OK) {
+    /* the pool reads, hashes and parses the objects while the transaction writes the ones
+     * already loaded (idx_db_write waits for each chunk) */
+    t_load = lc_now_ms();
+    load_ctx lc = {x, items};
+    idx_write w = {x, items, n, 0, LC_OK, ""};
+    idx_pool_start(x->pool, n, load_one, &lc);
+    rc = lc_db_tx(x->db, TX_ATTEMPTS, idx_db_write, &w, err);
+    idx_pool_finish(x->pool);
+    t_write = lc_now_ms() - t_load;
+    t_load = (w.loaded_ms ? w.loaded_ms : lc_now_ms()) - t_load;
+    if (rc == LC_ERR_CANCELLED && w.load_rc != LC_OK) {
+        rc = lc_err_set(err, w.load_rc, "%s", w.load_err);
+        goto out;
+    }
+    if (rc != LC_OK) {
         lc_err_wrap(err, "could not index a batch of %zu messages", n);
         goto out;
     }
-    t_write = lc_now_ms() - t_write;
 
     memset(&x->last, 0, sizeof(x->last));
     for (size_t i = 0; i < n; i++) {

@@ -1,0 +1,247 @@
+/*
+ * post_load.c: an HTTP load client for the stack benchmarks: POSTs the files of a gen_ct
+ * manifest (first column) to one URL from C concurrent clients, each a libcurl handle that
+ * keeps its connection alive. One file per request as application/dicom (Orthanc's
+ * POST /instances, radpipe's POST /api/v1/instances), or --stow K: K files per request as a
+ * STOW-RS multipart/related; type="application/dicom" body. Every answer must be a 2xx (STOW:
+ * 200, all stored). Prints "requests=R files=F failed=X seconds=S files_per_s=V" with the time
+ * from the first request sent to the last answer. Each client thread owns its handle.
+ */
+#include <getopt.h>
+#include <pthread.h>
+#include <stdatomic.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <curl/curl.h>
+#include "lc/log.h"
+#include "lc/util.h"
+
+#define MAX_CLIENTS  64
+#define MAX_HEADERS  8
+#define MAX_FILE     (256 * 1024 * 1024)
+#define MAX_MANIFEST (256 * 1024 * 1024)
+#define ERR_KEEP     2048
+#define BOUNDARY     "radpipe-bench-7d1f0c2e9a"
+
+typedef struct load {
+    const char *url;
+    char **files; /* borrowed from the manifest text */
+    size_t nfiles;
+    int per_request; /* 0: one raw file per request; K: STOW-RS with K parts */
+    const char *headers[MAX_HEADERS];
+    int nheaders;
+    const char *userpwd; /* basic auth, may be NULL */
+    atomic_size_t next;  /* the next file to send */
+    atomic_long requests, failed;
+    pthread_mutex_t mu; /* guards first_error */
+    char first_error[ERR_KEEP];
+} load;
+
+typedef struct body {
+    char *p;
+    size_t len, cap;
+} body;
+
+static int b_add(body *b, const void *p, size_t n)
+{
+    if (b->len + n > b->cap) {
+        size_t cap = b->cap ? b->cap : 1 << 20;
+        while (cap < b->len + n)
+            cap *= 2;
+        char *np = realloc(b->p, cap);
+        if (!np)
+            return -1;
+        b->p = np;
+        b->cap = cap;
+    }
+    memcpy(b->p + b->len, p, n);
+    b->len += n;
+    return 0;
+}
+
+static int b_add_file(body *b, const char *path)
+{
+    char *data = NULL;
+    size_t len = 0;
+    lc_err e = {0};
+    if (lc_read_file(path, MAX_FILE, &data, &len, &e) != LC_OK) {
+        fprintf(stderr, "post_load: %s\n", lc_err_msg(&e));
+        return -1;
+    }
+    int rc = b_add(b, data, len);
+    free(data);
+    return rc;
+}
+
+/* The response body, kept up to ERR_KEEP bytes for the error report. */
+static size_t on_data(char *p, size_t size, size_t n, void *arg)
+{
+    body *b = arg;
+    size_t len = size * n, room = b->len < ERR_KEEP ? ERR_KEEP - b->len : 0;
+    if (room)
+        b_add(b, p, len < room ? len : room);
+    return len;
+}
+
+static void note_failure(load *l, const char *what, long status, const body *resp)
+{
+    atomic_fetch_add(&l->failed, 1);
+    pthread_mutex_lock(&l->mu);
+    if (!l->first_error[0])
+        snprintf(l->first_error, sizeof(l->first_error), "%s: HTTP %ld: %.*s", what, status,
+                 (int)(resp->len < 1024 ? resp->len : 1024), resp->p ? resp->p : "");
+    pthread_mutex_unlock(&l->mu);
+}
+
+static void *client(void *arg)
+{
+    load *l = arg;
+    CURL *h = curl_easy_init();
+    struct curl_slist *hl = NULL;
+    body req = {0}, resp = {0};
+    const size_t step = l->per_request ? (size_t)l->per_request : 1;
+    if (!h)
+        return NULL;
+    hl = curl_slist_append(hl, "Expect:");
+    hl = curl_slist_append(hl, l->per_request ? "Content-Type: multipart/related; "
+                                                "type=\"application/dicom\"; boundary=" BOUNDARY
+                                              : "Content-Type: application/dicom");
+    if (l->per_request)
+        hl = curl_slist_append(hl, "Accept: application/dicom+json");
+    for (int i = 0; i < l->nheaders; i++)
+        hl = curl_slist_append(hl, l->headers[i]);
+    curl_easy_setopt(h, CURLOPT_URL, l->url);
+    curl_easy_setopt(h, CURLOPT_HTTPHEADER, hl);
+    curl_easy_setopt(h, CURLOPT_WRITEFUNCTION, on_data);
+    curl_easy_setopt(h, CURLOPT_WRITEDATA, &resp);
+    curl_easy_setopt(h, CURLOPT_TCP_NODELAY, 1L);
+    curl_easy_setopt(h, CURLOPT_NOSIGNAL, 1L);
+    curl_easy_setopt(h, CURLOPT_TIMEOUT, 300L);
+    if (l->userpwd)
+        curl_easy_setopt(h, CURLOPT_USERPWD, l->userpwd);
+    for (;;) {
+        size_t first = atomic_fetch_add(&l->next, step);
+        if (first >= l->nfiles)
+            break;
+        size_t last = first + step < l->nfiles ? first + step : l->nfiles;
+        int ok = 1;
+        req.len = 0;
+        resp.len = 0;
+        for (size_t i = first; ok && i < last; i++) {
+            static const char part[] = "--" BOUNDARY "\r\nContent-Type: application/dicom\r\n\r\n";
+            if (l->per_request)
+                ok = b_add(&req, part, sizeof(part) - 1) == 0;
+            ok = ok && b_add_file(&req, l->files[i]) == 0;
+            if (l->per_request)
+                ok = ok && b_add(&req, "\r\n", 2) == 0;
+        }
+        if (ok && l->per_request)
+            ok = b_add(&req, "--" BOUNDARY "--\r\n", sizeof(BOUNDARY) + 5) == 0;
+        if (!ok) {
+            note_failure(l, l->files[first], 0, &resp);
+            continue;
+        }
+        curl_easy_setopt(h, CURLOPT_POSTFIELDS, req.p);
+        curl_easy_setopt(h, CURLOPT_POSTFIELDSIZE_LARGE, (curl_off_t)req.len);
+        CURLcode cc = curl_easy_perform(h);
+        long status = 0;
+        curl_easy_getinfo(h, CURLINFO_RESPONSE_CODE, &status);
+        atomic_fetch_add(&l->requests, 1);
+        if (cc != CURLE_OK) {
+            const char *m = curl_easy_strerror(cc);
+            resp.len = 0;
+            b_add(&resp, m, strlen(m));
+            note_failure(l, l->files[first], 0, &resp);
+        } else if (l->per_request ? status != 200 : status < 200 || status > 299) {
+            note_failure(l, l->files[first], status, &resp);
+        }
+    }
+    curl_slist_free_all(hl);
+    curl_easy_cleanup(h);
+    free(req.p);
+    free(resp.p);
+    return NULL;
+}
+
+int main(int argc, char **argv)
+{
+    static const struct option opts[] = {{"clients", required_argument, NULL, 'c'},
+                                         {"header", required_argument, NULL, 'H'},
+                                         {"user", required_argument, NULL, 'u'},
+                                         {"stow", required_argument, NULL, 's'},
+                                         {NULL, 0, NULL, 0}};
+    static load l; /* large: first_error */
+    pthread_t th[MAX_CLIENTS];
+    int clients = 2, started = 0, code = 1;
+    char *text = NULL, *save = NULL;
+    size_t len = 0, cap = 0;
+    lc_err e = {0};
+
+    lc_log_init("post_load", LC_LOG_WARN);
+    for (int c; (c = getopt_long(argc, argv, "c:H:u:", opts, NULL)) != -1;) {
+        switch (c) {
+        case 'c':
+            clients = atoi(optarg);
+            break;
+        case 'H':
+            if (l.nheaders == MAX_HEADERS)
+                return 2;
+            l.headers[l.nheaders++] = optarg;
+            break;
+        case 'u':
+            l.userpwd = optarg;
+            break;
+        case 's':
+            l.per_request = atoi(optarg);
+            break;
+        default:
+            return 2;
+        }
+    }
+    if (argc - optind != 2 || clients < 1 || clients > MAX_CLIENTS || l.per_request < 0) {
+        fprintf(stderr, "usage: post_load [-c CLIENTS] [-H HEADER]... [-u USER:PASS] "
+                        "[--stow PARTS] URL MANIFEST\n");
+        return 2;
+    }
+    l.url = argv[optind];
+    if (lc_read_file(argv[optind + 1], MAX_MANIFEST, &text, &len, &e) != LC_OK) {
+        fprintf(stderr, "post_load: %s\n", lc_err_msg(&e));
+        return 1;
+    }
+    for (char *ln = strtok_r(text, "\n", &save); ln; ln = strtok_r(NULL, "\n", &save)) {
+        if (l.nfiles == cap) {
+            cap = cap ? 2 * cap : 1024;
+            char **nv = realloc(l.files, cap * sizeof(*nv));
+            if (!nv)
+                goto out;
+            l.files = nv;
+        }
+        ln[strcspn(ln, "\t")] = '\0';
+        l.files[l.nfiles++] = ln;
+    }
+    if (l.nfiles == 0) {
+        fprintf(stderr, "post_load: no files in \"%s\"\n", argv[optind + 1]);
+        goto out;
+    }
+    pthread_mutex_init(&l.mu, NULL);
+    curl_global_init(CURL_GLOBAL_DEFAULT);
+    const int64_t t0 = lc_now_ms();
+    for (; started < clients; started++)
+        if (pthread_create(&th[started], NULL, client, &l) != 0)
+            break;
+    for (int i = 0; i < started; i++)
+        pthread_join(th[i], NULL);
+    const double secs = (double)(lc_now_ms() - t0) / 1000.0;
+    curl_global_cleanup();
+    printf("requests=%ld files=%zu failed=%ld seconds=%.3f files_per_s=%.1f\n",
+           atomic_load(&l.requests), l.nfiles, atomic_load(&l.failed), secs,
+           (double)l.nfiles / (secs > 0 ? secs : 1e-3));
+    if (l.first_error[0])
+        fprintf(stderr, "post_load: first failure: %s\n", l.first_error);
+    code = started == clients && atomic_load(&l.failed) == 0 ? 0 : 1;
+out:
+    free(l.files);
+    free(text);
+    return code;
+}
