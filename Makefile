@@ -186,6 +186,12 @@ $(BUILD)/bench/bench_body: $(BUILD)/obj/tests/bench/bench_body.o $(SVC_LIBOBJ_gp
 		$(LIBGPU) $(LIBCOMMON)
 	@mkdir -p $(@D)
 	$(CXX) $(LDFLAGS) -o $@ $< $(SVC_LIBOBJ_gpu-segmenter) $(LINK_LIBS)
+# bench_upload times the uploader's own job function: it links the service's objects
+$(BUILD)/obj/tests/bench/bench_upload.o: CFLAGS += -Iservices/storage-uploader
+$(BUILD)/bench/bench_upload: $(BUILD)/obj/tests/bench/bench_upload.o \
+		$(SVC_LIBOBJ_storage-uploader) $(LIBGPU) $(LIBCOMMON)
+	@mkdir -p $(@D)
+	$(CXX) $(LDFLAGS) -o $@ $< $(SVC_LIBOBJ_storage-uploader) $(LINK_LIBS)
 # helpers of the stack benchmarks (bench_ingest.sh, bench_dicomweb.sh): the generic rule above
 BENCH_BINS += $(BUILD)/bench/gen_ct $(BUILD)/bench/ingest_feed $(BUILD)/bench/post_load
 

@@ -15,6 +15,10 @@
 #define S3_PART_MAX   (5LL << 30)  /* and largest */
 #define S3_PARTS_MAX  10000
 #define S3_RESP_MAX   (16 << 20) /* largest XML response accepted */
+/* Connections the shared pool keeps open for reuse. libcurl's default (5, applied to the
+ * whole shared pool) made every request beyond the fifth concurrent one close its connection
+ * and the next one open a new one. */
+#define S3_POOL_MAX   256
 #define S3_DIGEST_HDR "x-amz-meta-radpipe-digest"
 
 typedef struct s3store {
@@ -47,7 +51,7 @@ typedef struct s3call {
     char *url;          /* owned: s3_url */
     struct curl_slist *hdrs;
     const char *body; /* PUT/POST payload (borrowed), with body_len bytes */
-    size_t body_len, body_off;
+    size_t body_len;
     lc_store_read_fn sink; /* GET: stream the body here instead of resp */
     void *sink_ctx;
     int sink_stopped;
@@ -100,9 +104,10 @@ lc_rc s3_xml_parse(const char *xml, size_t len, char root[64], s3_xml_fn fn, voi
 /* The Code and Message of an <Error> document ("" when absent). */
 void s3_xml_error(const char *xml, size_t len, char code[64], char msg[256]);
 
-/* Digests: hex SHA-256 (65), base64 SHA-256 (45), base64 MD5 (25). */
+/* Digests: hex SHA-256 (65), base64 SHA-256 (45), base64 MD5 (25), hex MD5 (33). */
 void s3_sha256(const void *buf, size_t len, char hex[65], char b64[45]);
 void s3_md5_b64(const void *buf, size_t len, char b64[25]);
+void s3_md5_hex(const void *buf, size_t len, char hex[33]);
 void s3_hex_to_b64(const char *hex, char b64[45]);
 
 /* The multipart operations and the writer (store_s3_mpu.c). */
@@ -119,8 +124,9 @@ lc_rc s3_mpu_list(lc_store *s, const char *prefix, lc_store_mpu_list_fn fn, void
                   lc_err *err);
 lc_rc s3_writer_open(lc_store *s, const char *key, const lc_store_writer_opts *o,
                      lc_store_writer **out, lc_err *err);
-/* Single PUT of a buffer (also the writer's small-object path). */
+/* Single PUT of a buffer (also the writer's small-object path); sha256_hex: the buffer's
+ * SHA-256 when known (NULL: computed). */
 lc_rc s3_put(lc_store *s, const char *key, const void *buf, size_t len, const char *digest,
-             lc_err *err);
+             const char *sha256_hex, lc_err *err);
 
 #endif

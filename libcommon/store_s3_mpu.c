@@ -2,13 +2,16 @@
  * store_s3_mpu.c: S3 multipart uploads (create, upload part, complete, abort, list parts,
  * list uploads) and the s3:// streaming writer: bytes are cut into parts of the part size,
  * each hashed (x-amz-content-sha256 plus x-amz-checksum-sha256 or Content-MD5) and sent with
- * up to `concurrency` parts in flight on one curl multi handle, each retried on its own;
- * objects below the multipart threshold go out as one PUT at commit. A writer belongs to
- * the thread that opened it; its callbacks run on that thread.
+ * up to `concurrency` parts in flight on one curl multi handle (driven while the next part
+ * fills), each retried on its own; objects below the multipart threshold go out as one PUT
+ * at commit. A resumed writer skips the parts it is given (recorded ones by SHA-256, listed
+ * ones by their MD5 ETag). A writer belongs to the thread that opened it; its callbacks run
+ * on that thread.
  */
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <strings.h>
 #include "lc/log.h"
 #include "lc/util.h"
 #include "store_s3_internal.h"
@@ -404,6 +407,7 @@ typedef struct slot {
     int state;
     char *buf;
     size_t len, cap;
+    lc_sha256 *hash; /* of buf[0..len), kept as bytes arrive (NULL: none yet) */
     int number;
     char sha256[65];
     s3call call;
@@ -426,6 +430,7 @@ typedef struct s3writer {
     slot *cur;
     int next_number;
     int multipart; /* decided: parts go out as they fill */
+    int64_t pumped; /* w->total when transfers were last driven */
     CURLM *multi;
     char *upload_id;
     lc_store_part *parts;
@@ -474,6 +479,7 @@ static void writer_free(s3writer *w)
 {
     for (int i = 0; i < w->nslots; i++) {
         slot_release(w, &w->slots[i]);
+        lc_sha256_free(w->slots[i].hash);
         free(w->slots[i].buf);
     }
     if (w->multi)
@@ -506,6 +512,22 @@ static const lc_store_part *done_part(const s3writer *w, int number)
         if (w->o.done[i].number == number)
             return &w->o.done[i];
     return NULL;
+}
+
+/* 1 when etag (quoted or not) is the hex MD5 of buf: how S3, MinIO, Ceph and s3rver tag a
+ * part uploaded without SSE-KMS, so a listed part can be checked without its SHA-256. */
+static int etag_is_md5_of(const char *etag, const void *buf, size_t len)
+{
+    char hex[33];
+    size_t n = strlen(etag);
+    if (n == 34 && etag[0] == '"' && etag[33] == '"') {
+        etag++;
+        n -= 2;
+    }
+    if (n != 32 || strspn(etag, "0123456789abcdefABCDEF") != 32)
+        return 0;
+    s3_md5_hex(buf, len, hex);
+    return strncasecmp(etag, hex, 32) == 0;
 }
 
 /* Put the slot's request on the multi handle. */
@@ -646,8 +668,29 @@ static lc_rc seal(s3writer *w, slot *sl, lc_err *err)
         return wfail(w, err, LC_ERR_TOO_LARGE,
                      "object is too large for 10000 parts: raise RADPIPE_S3_PART_SIZE");
     sl->number = w->next_number++;
-    s3_sha256(sl->buf, sl->len, sl->sha256, NULL);
+    if (sl->hash)
+        lc_sha256_final_hex(sl->hash, sl->sha256);
+    else
+        s3_sha256(sl->buf, sl->len, sl->sha256, NULL);
+    lc_sha256_free(sl->hash);
+    sl->hash = NULL;
     const lc_store_part *d = done_part(w, sl->number);
+    if (d && !d->sha256[0]) {
+        /* a part the store listed but this upload's record lacks (acknowledged just before a
+         * crash): keep it when its ETag is the MD5 of these bytes, else send it again */
+        if (d->size == (int64_t)sl->len && etag_is_md5_of(d->etag, sl->buf, sl->len)) {
+            lc_store_part p = *d;
+            lc_err e = {0};
+            lc_strlcpy(p.sha256, sl->sha256, sizeof(p.sha256));
+            lc_rc rc = add_part(w, &p, &e);
+            if (rc == LC_OK && w->o.on_part)
+                rc = w->o.on_part(w->o.ctx, w->upload_id, &p, &e);
+            sl->state = SLOT_FREE;
+            sl->len = 0;
+            return rc == LC_OK ? LC_OK : wfail_err(w, err, &e);
+        }
+        d = NULL;
+    }
     if (d) {
         if (d->size != (int64_t)sl->len || strcmp(d->sha256, sl->sha256) != 0) {
             char msg[200];
@@ -707,13 +750,28 @@ static lc_rc w_write(lc_store_writer *base, const void *buf, size_t len, lc_err 
             sl->buf = nb;
             sl->cap = cap;
         }
+        if (sl->len == 0) {
+            lc_sha256_free(sl->hash);
+            sl->hash = lc_sha256_new();
+        }
         memcpy(sl->buf + sl->len, p, n);
+        if (sl->hash)
+            lc_sha256_update(sl->hash, p, n); /* while the bytes are in cache */
         sl->len += n;
         p += n;
         len -= n;
         w->total += (int64_t)n;
-        if (sl->len < (size_t)w->part_size)
+        if (sl->len < (size_t)w->part_size) {
+            /* parts in flight stall (and retries wait) while this thread only fills
+             * buffers: drive them every 256 KiB */
+            if (w->multipart && w->total - w->pumped >= (256 << 10)) {
+                w->pumped = w->total;
+                lc_rc rc = pump(w, 0, err);
+                if (rc != LC_OK)
+                    return rc;
+            }
             continue;
+        }
         lc_rc rc = seal(w, sl, err);
         if (rc == LC_OK && !w->multipart && w->total >= w->threshold)
             rc = begin_multipart(w, err);
@@ -754,7 +812,7 @@ static lc_rc put_single(s3writer *w, lc_err *err)
     } else {
         n = w->cur->len;
     }
-    lc_rc rc = s3_put(w->s, w->key, data, n, w->digest, err);
+    lc_rc rc = s3_put(w->s, w->key, data, n, w->digest, NULL, err);
     free(all);
     return rc;
 }
@@ -895,6 +953,7 @@ lc_rc s3_writer_open(lc_store *s, const char *key, const lc_store_writer_opts *o
         return nomem(err);
     }
     curl_multi_setopt(w->multi, CURLMOPT_MAX_HOST_CONNECTIONS, (long)w->conc);
+    curl_multi_setopt(w->multi, CURLMOPT_MAXCONNECTS, (long)S3_POOL_MAX);
     if (o->resume_upload_id) {
         if (!(w->upload_id = strdup(o->resume_upload_id))) {
             writer_free(w);

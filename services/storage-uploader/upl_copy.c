@@ -1,10 +1,12 @@
 /*
- * upl_copy.c: moving bytes for an upload job. Copy threads send small instance objects with
- * one request each (HEAD first: an object already holding the same digest is skipped), at
- * most the destination's limit at once; the job thread streams large objects and tar
- * archives through lc_store writers whose multipart state is recorded in PostgreSQL as parts
- * are acknowledged, so a restarted uploader resumes them. Every source object is checked
- * against the size and SHA-256 in the index while it is read.
+ * upl_copy.c: moving bytes for an upload job. One listing per destination prefix tells which
+ * objects exist already; those are HEADed and skipped when they hold the same digest, the
+ * others sent without a HEAD. Copy threads send small instance objects with one request
+ * each, at most the destination's limit at once; the job thread streams large objects and
+ * tar archives through lc_store writers whose multipart state is recorded in PostgreSQL as
+ * parts are acknowledged, so a restarted uploader resumes them (after checking the record
+ * against the store's own list of parts). Every source object is checked against the size
+ * and SHA-256 in the index while it is read.
  */
 #include <errno.h>
 #include <semaphore.h>
@@ -94,6 +96,61 @@ static lc_rc dest_acquire(upl_run *r, upl_dest *d)
     }
 }
 
+/* --- what the destination holds already ------------------------------------------------- */
+
+typedef struct listing {
+    upl_obj **objs; /* the group's objects, sorted by key */
+    size_t n;
+    size_t seen, max;
+} listing;
+
+static int cmp_obj_key(const void *a, const void *b)
+{
+    return strcmp((*(upl_obj *const *)a)->key, (*(upl_obj *const *)b)->key);
+}
+
+static int listed_cb(void *ctx, const char *key, const lc_store_stat *st)
+{
+    listing *l = ctx;
+    if (++l->seen > l->max)
+        return 1; /* a prefix crowded with other objects: HEAD each of ours instead */
+    upl_obj probe = {.key = (char *)key}, *pp = &probe;
+    upl_obj **hit = bsearch(&pp, l->objs, l->n, sizeof(*l->objs), cmp_obj_key);
+    if (hit) {
+        (*hit)->listed = 1;
+        (*hit)->listed_size = st->size;
+    }
+    return 0;
+}
+
+void upl_list_existing(upl_run *r)
+{
+    listing l = {0};
+    if (!(l.objs = calloc(r->nobjs ? r->nobjs : 1, sizeof(*l.objs))))
+        return;
+    for (size_t gi = 0; gi < r->ngroups; gi++) {
+        upl_group *g = &r->groups[gi];
+        char *prefix = NULL;
+        lc_err e = {0};
+        if (!lc_store_multipart_threshold(g->dest->store))
+            continue; /* file:// keeps no digest: nothing to compare */
+        l.n = l.seen = 0;
+        for (size_t i = 0; i < r->nobjs; i++)
+            if (r->objs[i].g == g)
+                l.objs[l.n++] = &r->objs[i];
+        l.max = 4 * l.n + 1000;
+        qsort(l.objs, l.n, sizeof(*l.objs), cmp_obj_key);
+        if (asprintf(&prefix, "%s%s", g->prefix, *g->prefix ? "/" : "") < 0)
+            break;
+        lc_rc rc = lc_store_list(g->dest->store, prefix, listed_cb, &l, &e);
+        free(prefix);
+        g->listed = rc == LC_OK && l.seen <= l.max;
+        if (rc != LC_OK) /* the HEADs will say more (or the PUTs, for a missing bucket) */
+            lc_log_debug("could not list the destination", LC_LS("error", lc_err_msg(&e)));
+    }
+    free(l.objs);
+}
+
 /* 1 when the destination already holds the object with the same digest and size. */
 static lc_rc already_there(upl_obj *o, int *yes, lc_err *err)
 {
@@ -101,6 +158,8 @@ static lc_rc already_there(upl_obj *o, int *yes, lc_err *err)
     *yes = 0;
     if (!lc_store_multipart_threshold(o->g->dest->store))
         return LC_OK; /* file:// keeps no digest: rewriting gives the same bytes */
+    if (o->g->listed && (!o->listed || o->listed_size != o->size))
+        return LC_OK; /* missing, or other bytes: no HEAD needed */
     lc_rc rc = lc_store_head(o->g->dest->store, o->key, &st, err);
     if (rc == LC_ERR_NOT_FOUND)
         return LC_OK;
@@ -141,7 +200,7 @@ static lc_rc copy_small(upl_run *r, upl_obj *o, lc_err *err)
     else if ((rc = throttle(r, len, 0)) != LC_OK)
         lc_err_set(err, rc, "upload cancelled");
     if (rc == LC_OK) {
-        const lc_store_put_opts po = {.digest = o->digest};
+        const lc_store_put_opts po = {.digest = o->digest, .sha256 = hex};
         rc = lc_store_put_buf_opts(o->g->dest->store, o->key, buf, len, &po, err);
     }
     free(buf);
@@ -188,7 +247,7 @@ typedef struct stream {
     upl_run *r;
     upl_obj *o;
     lc_store_writer *w; /* NULL: only hash */
-    lc_sha256 *whole;   /* the object's bytes */
+    lc_sha256 *whole;   /* the object's bytes (tars; an instance's are its member's) */
     lc_sha256 *member;  /* the current source object's bytes */
     int64_t member_len;
     int64_t written;
@@ -200,7 +259,8 @@ static int emit(stream *s, const void *buf, size_t len)
 {
     if (s->w && (s->rc = lc_store_writer_write(s->w, buf, len, &s->err)) != LC_OK)
         return 1;
-    lc_sha256_update(s->whole, buf, len);
+    if (s->whole)
+        lc_sha256_update(s->whole, buf, len);
     s->written += (int64_t)len;
     if (s->w) {
         atomic_fetch_add(&s->r->bytes_done, (long long)len);
@@ -363,6 +423,50 @@ static void abort_orphans(lc_store *st, const char *key)
     free(o.ids);
 }
 
+static int etag_equal(const char *a, const char *b)
+{
+    size_t la = strlen(a), lb = strlen(b);
+    if (la >= 2 && a[0] == '"' && a[la - 1] == '"') {
+        a++;
+        la -= 2;
+    }
+    if (lb >= 2 && b[0] == '"' && b[lb - 1] == '"') {
+        b++;
+        lb -= 2;
+    }
+    return la == lb && strncmp(a, b, la) == 0;
+}
+
+/* Make a recorded upload's parts what the store holds: a recorded part the store lacks is
+ * sent again; a part the store holds but the record lacks (acknowledged just before a
+ * crash) goes to the writer without its SHA-256, to be kept when its ETag is the MD5 of the
+ * same bytes. LC_ERR_NOT_FOUND: the store no longer has the upload. */
+static lc_rc reconcile_parts(lc_store *st, const char *key, upl_resume *res, lc_err *err)
+{
+    lc_store_part *listed = NULL;
+    size_t n = 0;
+    lc_err e = {0};
+    lc_rc rc = lc_store_mpu_list_parts(st, key, res->upload_id, &listed, &n, &e);
+    if (rc == LC_ERR_NOT_FOUND) {
+        *err = e;
+        return rc;
+    }
+    if (rc != LC_OK) { /* keep to the record: the parts' uploads will tell */
+        lc_log_warn("could not list the parts of an upload to resume", LC_LS("key", key),
+                    LC_LS("error", lc_err_msg(&e)));
+        return LC_OK;
+    }
+    for (size_t i = 0; i < n; i++)
+        for (size_t k = 0; k < res->nparts; k++)
+            if (res->parts[k].number == listed[i].number && res->parts[k].size == listed[i].size &&
+                etag_equal(res->parts[k].etag, listed[i].etag))
+                listed[i] = res->parts[k]; /* recorded: with its SHA-256 */
+    free(res->parts);
+    res->parts = listed;
+    res->nparts = n;
+    return LC_OK;
+}
+
 static lc_rc copy_streamed_once(upl_run *r, upl_obj *o, lc_err *err)
 {
     lc_store *st = o->g->dest->store;
@@ -381,6 +485,16 @@ static lc_rc copy_streamed_once(upl_run *r, upl_obj *o, lc_err *err)
             /* the object will hold something else now: start over */
             lc_err e;
             lc_store_mpu_abort(st, o->key, res.upload_id, &e);
+            upl_resume_free(&res);
+            if ((rc = upl_state_clear(r->j->db, durl, o->key, err)) != LC_OK)
+                return rc;
+        }
+        if (res.upload_id && (rc = reconcile_parts(st, o->key, &res, err)) != LC_OK) {
+            if (rc != LC_ERR_NOT_FOUND)
+                goto out;
+            /* completed by an attempt whose answer was lost, or aborted: start over */
+            lc_log_warn("the upload to resume no longer exists: starting over",
+                        LC_LS("key", o->key), LC_LS("error", lc_err_msg(err)));
             upl_resume_free(&res);
             if ((rc = upl_state_clear(r->j->db, durl, o->key, err)) != LC_OK)
                 return rc;
@@ -406,7 +520,7 @@ static lc_rc copy_streamed_once(upl_run *r, upl_obj *o, lc_err *err)
     };
     if ((rc = lc_store_writer_open_opts(st, o->key, &wo, &w, err)) != LC_OK)
         goto out;
-    if (!(s.whole = lc_sha256_new())) {
+    if (o->tar && !(s.whole = lc_sha256_new())) {
         rc = lc_err_set(err, LC_ERR_NOMEM, "out of memory");
         goto out;
     }
@@ -417,7 +531,10 @@ static lc_rc copy_streamed_once(upl_run *r, upl_obj *o, lc_err *err)
         w = NULL;
     }
     if (rc == LC_OK) {
-        lc_sha256_final_hex(s.whole, o->sha256);
+        if (s.whole)
+            lc_sha256_final_hex(s.whole, o->sha256);
+        else /* checked against the index while it was read */
+            lc_strlcpy(o->sha256, o->members[0]->sha256, sizeof(o->sha256));
         atomic_fetch_add(&r->written, 1);
         lc_counter_inc(r->u->objects);
         if (remote)
@@ -443,6 +560,23 @@ out:
     return rc;
 }
 
+/* The object is in place: an upload still recorded for it (the crash came after
+ * CompleteMultipartUpload, or another run finished it) is aborted and forgotten. */
+static void forget_upload(upl_run *r, upl_obj *o)
+{
+    lc_store *st = o->g->dest->store;
+    upl_resume res = {0};
+    lc_err e = {0};
+    if (upl_state_load(r->j->db, lc_store_url(st), o->key, &res, &e) != LC_OK || !res.upload_id)
+        return;
+    if (lc_store_mpu_abort(st, o->key, res.upload_id, &e) != LC_OK)
+        lc_log_warn("could not abort a finished object's upload", LC_LS("key", o->key),
+                    LC_LS("error", lc_err_msg(&e)));
+    else
+        upl_state_clear(r->j->db, lc_store_url(st), o->key, &e);
+    upl_resume_free(&res);
+}
+
 lc_rc upl_copy_streamed(upl_run *r, upl_obj *o, lc_err *err)
 {
     int there = 0;
@@ -456,6 +590,7 @@ lc_rc upl_copy_streamed(upl_run *r, upl_obj *o, lc_err *err)
         lc_counter_inc(r->u->skipped);
         if (!o->tar)
             lc_strlcpy(o->sha256, o->members[0]->sha256, sizeof(o->sha256));
+        forget_upload(r, o);
         return LC_OK;
     }
     int64_t before = atomic_load(&r->bytes_done);

@@ -651,6 +651,7 @@ lc_rc upl_job(void *ctx, lc_worker_job *j, cJSON **result, lc_err *err)
     if ((rc = load_instances(&r, &pp, err)) != LC_OK || (rc = plan(&r, &pp, err)) != LC_OK)
         goto out;
     upl_run_progress(&r, 1);
+    upl_list_existing(&r);
 
     /* small instance objects go out in parallel; large ones and tars one at a time here */
     if (!(r.small = calloc(r.nobjs, sizeof(size_t)))) {

@@ -21,6 +21,7 @@ typedef struct upl_group {
     upl_dest *dest; /* borrowed from the ctx cache */
     char *prefix;   /* "" or "a/b" (no slashes at the ends) */
     char *manifest_key;
+    int listed; /* 1: its objects were listed, so one the listing lacks is missing */
 } upl_group;
 
 typedef struct upl_obj {
@@ -36,6 +37,8 @@ typedef struct upl_obj {
     char **names;     /* tar member names */
     size_t nmembers;
     int skipped;      /* already in place with the same digest */
+    int listed;       /* the destination's listing holds the key, with listed_size bytes */
+    int64_t listed_size;
 } upl_obj;
 
 typedef struct upl_run {
@@ -63,6 +66,9 @@ typedef struct upl_run {
     lc_err ferr; /* the first failure, under mu */
 } upl_run;
 
+/* List each remote destination prefix once, so objects the destination lacks are sent
+ * without a HEAD each (a re-run still compares the digests of those it holds). */
+void upl_list_existing(upl_run *r);
 /* Copy threads: take objects from r->small until none is left, the run failed or stops. */
 void *upl_copy_thread(void *arg);
 /* On the job thread: one object through a (resumable) writer. */

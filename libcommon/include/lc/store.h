@@ -114,6 +114,10 @@ typedef struct lc_store_put_opts {
     /* Stored with the object and returned by lc_store_head (lc_store_stat.digest): at most 64
      * characters of [0-9a-zA-Z._-]. NULL: the SHA-256 of the bytes (put_buf) or nothing. */
     const char *digest;
+    /* The SHA-256 of the bytes (hex), when the caller computed it anyway: s3:// signs the
+     * payload with it instead of hashing the bytes again (a wrong one makes the store refuse
+     * the object). NULL: computed. */
+    const char *sha256;
 } lc_store_put_opts;
 lc_rc lc_store_put_buf_opts(lc_store *s, const char *key, const void *buf, size_t len,
                             const lc_store_put_opts *o, lc_err *err);
@@ -163,7 +167,9 @@ lc_rc lc_store_mpu_list(lc_store *s, const char *prefix, lc_store_mpu_list_fn fn
  * created when the first part is full. Resuming: give the upload id and the parts already
  * acknowledged (from on_part of an earlier run, same part size) and write the same bytes
  * from the start again: those parts are hashed and compared, not sent (LC_ERR_CONFLICT when
- * a part's bytes changed). The file backend ignores everything but digest. */
+ * a part's bytes changed). A part given without its sha256 (as lc_store_mpu_list_parts lists
+ * it) is kept when its ETag is the MD5 of the same bytes (and then reported through on_part),
+ * else sent again. The file backend ignores everything but digest. */
 typedef struct lc_store_writer_opts {
     const char *digest;          /* as in lc_store_put_opts (NULL: none) */
     int64_t size_hint;           /* the object's size when known, else -1 */
