@@ -625,8 +625,7 @@ out:
 
 /* ---- C API: headers ---------------------------------------------------------------------- */
 
-lc_rc lc_dicom_read_header_ex(const char *path, unsigned flags, lc_dicom_header **out,
-                              lc_err *err)
+lc_rc lc_dicom_read_header_ex(const char *path, unsigned flags, lc_dicom_header **out, lc_err *err)
 {
     *out = nullptr;
     int fd = -1;
@@ -676,8 +675,8 @@ lc_rc lc_dicom_read_header_buf_ex(const void *buf, size_t len, unsigned flags,
     try {
         Input in(buf, len);
         Scan s;
-        rc = read_header(in, false, flags & ~unsigned(LC_DICOM_SHA256), "DICOM buffer", s, out,
-                         err);
+        rc =
+            read_header(in, false, flags & ~unsigned(LC_DICOM_SHA256), "DICOM buffer", s, out, err);
     } catch (const std::bad_alloc &) {
         rc = lc_err_set(err, LC_ERR_NOMEM, "out of memory reading DICOM buffer");
     } catch (const std::exception &e) {
@@ -701,11 +700,16 @@ void lc_dicom_header_free(lc_dicom_header *h)
 {
     if (!h)
         return;
-    char *const fixed[] = {h->sop_class_uid,       h->sop_instance_uid,
-                           h->study_instance_uid,  h->series_instance_uid,
-                           h->transfer_syntax_uid, h->specific_character_set,
-                           h->scheduled_procedure_step_id, h->requested_procedure_id,
-                           h->request_attributes,  h->json};
+    char *const fixed[] = {h->sop_class_uid,
+                           h->sop_instance_uid,
+                           h->study_instance_uid,
+                           h->series_instance_uid,
+                           h->transfer_syntax_uid,
+                           h->specific_character_set,
+                           h->scheduled_procedure_step_id,
+                           h->requested_procedure_id,
+                           h->request_attributes,
+                           h->json};
     for (char *s : fixed)
         free(s);
     for (const StrField &sf : kStrFields)
@@ -1022,7 +1026,7 @@ const uint64_t kMaxVoxels = 1ULL << 29;
  * functional group (found by fuzzing).
  */
 lc_rc read_pixels(const char *path, int fd, size_t size, float **out, int *rows, int *columns,
-                 int *frames, lc_err *err)
+                  int *frames, lc_err *err)
 {
     Input in(fd, size);
     if (!in.need(size))

@@ -79,10 +79,9 @@ const Tables &tables()
         }
         std::sort(r.by_tag.begin(), r.by_tag.end(),
                   [](const TagVR &a, const TagVR &b) { return a.tag < b.tag; });
-        std::stable_sort(r.by_keyword.begin(), r.by_keyword.end(),
-                         [](const KeywordTag &a, const KeywordTag &b) {
-                             return a.keyword < b.keyword;
-                         });
+        std::stable_sort(
+            r.by_keyword.begin(), r.by_keyword.end(),
+            [](const KeywordTag &a, const KeywordTag &b) { return a.keyword < b.keyword; });
         r.by_keyword.erase(std::unique(r.by_keyword.begin(), r.by_keyword.end(),
                                        [](const KeywordTag &a, const KeywordTag &b) {
                                            return a.keyword == b.keyword;
@@ -150,10 +149,10 @@ lc_rc lc_dicom_keyword_tag(const char *keyword, unsigned *tag, char vr[3])
         if (!keyword || !*keyword)
             return LC_ERR_NOT_FOUND;
         const std::vector<KeywordTag> &v = tables().by_keyword;
-        auto it = std::lower_bound(v.begin(), v.end(), keyword,
-                                   [](const KeywordTag &a, const char *k) {
-                                       return strcmp(a.keyword.c_str(), k) < 0;
-                                   });
+        auto it =
+            std::lower_bound(v.begin(), v.end(), keyword, [](const KeywordTag &a, const char *k) {
+                return strcmp(a.keyword.c_str(), k) < 0;
+            });
         if (it == v.end() || it->keyword != keyword)
             return LC_ERR_NOT_FOUND;
         if (tag)

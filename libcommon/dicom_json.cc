@@ -330,7 +330,7 @@ void put_numbers(std::string &out, uint16_t vr, const unsigned char *p, size_t n
 {
     const unsigned size = vr == V("US") || vr == V("SS")                    ? 2
                           : vr == V("FD") || vr == V("SV") || vr == V("UV") ? 8
-                                                                             : 4;
+                                                                            : 4;
     const size_t count = n / size;
     if (count == 0)
         return;
@@ -340,7 +340,8 @@ void put_numbers(std::string &out, uint16_t vr, const unsigned char *p, size_t n
             out += ',';
         const unsigned char *q = p + k * size;
         if (vr == V("AT")) {
-            const uint32_t g = uint32_t(read_uint(q, 2, big)), e = uint32_t(read_uint(q + 2, 2, big));
+            const uint32_t g = uint32_t(read_uint(q, 2, big)),
+                           e = uint32_t(read_uint(q + 2, 2, big));
             out += '"';
             hex8(out, g << 16 | e);
             out += '"';
@@ -468,10 +469,10 @@ void put_element(std::string &out, const Tree &t, size_t parent, size_t i, const
         hex8(out, n.tag);
         out += '"';
     } else if (bulk_vr(vr)) {
-        const unsigned unit = vr == V("OW")                      ? 2
-                              : vr == V("OF") || vr == V("OL")   ? 4
-                              : vr == V("OD") || vr == V("OV")   ? 8
-                                                                 : 1;
+        const unsigned unit = vr == V("OW")                    ? 2
+                              : vr == V("OF") || vr == V("OL") ? 4
+                              : vr == V("OD") || vr == V("OV") ? 8
+                                                               : 1;
         out += ",\"InlineBinary\":";
         if (t.big && unit > 1 && !(n.flags & N_IMPLICIT)) {
             std::string le(reinterpret_cast<const char *>(p), n.len);

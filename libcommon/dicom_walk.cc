@@ -264,8 +264,8 @@ class Walker
     {
         size_t idx;
         const uint32_t tag = uint32_t(el.g) << 16 | el.e;
-        if (!open(idx, tag, el.has_vr ? vr2(char(el.vr[0]), char(el.vr[1])) : 0, N_VALUE,
-                  implicit, pos + el.hdr, el.vl == kUndefined ? 0 : el.vl, pos))
+        if (!open(idx, tag, el.has_vr ? vr2(char(el.vr[0]), char(el.vr[1])) : 0, N_VALUE, implicit,
+                  pos + el.hdr, el.vl == kUndefined ? 0 : el.vl, pos))
             return false;
         if (!value(pos, end, el, depth, implicit, idx))
             return false;

@@ -527,8 +527,8 @@ static lc_rc cancel_tx(lc_db *db, void *arg, lc_err *err)
         PQclear(res);
         return explain_miss(db, c->id, "cancel", err);
     }
-    rc = emit_status(db, c->prefix, c->source, c->id, PQgetvalue(res, 0, 0),
-                     PQgetvalue(res, 0, 1), "cancelled", atoi(PQgetvalue(res, 0, 2)), NULL,
+    rc = emit_status(db, c->prefix, c->source, c->id, PQgetvalue(res, 0, 0), PQgetvalue(res, 0, 1),
+                     "cancelled", atoi(PQgetvalue(res, 0, 2)), NULL,
                      PQgetisnull(res, 0, 3) ? NULL : PQgetvalue(res, 0, 3), NULL, err);
     PQclear(res);
     return rc;

@@ -500,8 +500,8 @@ lc_rc lc_kafka_tail_new(const lc_kafka_conf *conf, lc_topic topic, int timeout_m
         rd_kafka_topic_partition_list_add(parts, name, p)->offset = hi;
     }
     if ((e = rd_kafka_assign(c->rk, parts)) != RD_KAFKA_RESP_ERR_NO_ERROR) {
-        rc = lc_err_set(err, LC_ERR_KAFKA, "could not assign the partitions of \"%s\": %s",
-                        name, rd_kafka_err2str(e));
+        rc = lc_err_set(err, LC_ERR_KAFKA, "could not assign the partitions of \"%s\": %s", name,
+                        rd_kafka_err2str(e));
         goto out;
     }
     *out = c;

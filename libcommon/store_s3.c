@@ -45,8 +45,8 @@ const lc_cfg_var lc_store_s3_cfg_vars[] = {
     {"RADPIPE_S3_CHECKSUM", LC_CFG_ENUM, "sha256", 0, -1, 0, "sha256|md5",
      "integrity header on every object and part: x-amz-checksum-sha256 or Content-MD5",
      OFF(checksum)},
-    {"RADPIPE_S3_PART_SIZE", LC_CFG_BYTES, "16M", (double)S3_PART_MIN, (double)S3_PART_MAX, 0,
-     NULL, "multipart part size (5M..5G)", OFF(part_size)},
+    {"RADPIPE_S3_PART_SIZE", LC_CFG_BYTES, "16M", (double)S3_PART_MIN, (double)S3_PART_MAX, 0, NULL,
+     "multipart part size (5M..5G)", OFF(part_size)},
     {"RADPIPE_S3_MULTIPART_THRESHOLD", LC_CFG_BYTES, "16M", (double)S3_PART_MIN,
      (double)S3_PART_MAX, 0, NULL,
      "objects at least this large are sent as multipart uploads, smaller ones with one PUT",
@@ -411,19 +411,19 @@ lc_rc s3_call_outcome(s3call *c, CURLcode cc, int *transient, lc_err *err)
         return LC_OK;
     }
     s3_xml_error(c->resp.data, c->resp.len, code, msg);
-    if (c->status >= 500 || c->status == 429 || c->status == 408 ||
-        strcmp(code, "SlowDown") == 0 || strcmp(code, "RequestTimeout") == 0 ||
-        strcmp(code, "InternalError") == 0) {
+    if (c->status >= 500 || c->status == 429 || c->status == 408 || strcmp(code, "SlowDown") == 0 ||
+        strcmp(code, "RequestTimeout") == 0 || strcmp(code, "InternalError") == 0) {
         *transient = 1;
         return lc_err_set(err, LC_ERR_UNAVAILABLE, "could not %s object \"%s\": HTTP %ld%s%s%s%s",
                           c->what, key, c->status, code[0] ? " " : "", code, msg[0] ? ": " : "",
                           msg);
     }
     if (c->status == 0)
-        return lc_err_set(err, LC_ERR_STORE, "could not %s object \"%s\": no HTTP answer",
-                          c->what, key);
-    return lc_err_set(err, status_rc(c->status, code), "could not %s object \"%s\": HTTP %ld%s%s%s%s",
-                      c->what, key, c->status, code[0] ? " " : "", code, msg[0] ? ": " : "", msg);
+        return lc_err_set(err, LC_ERR_STORE, "could not %s object \"%s\": no HTTP answer", c->what,
+                          key);
+    return lc_err_set(err, status_rc(c->status, code),
+                      "could not %s object \"%s\": HTTP %ld%s%s%s%s", c->what, key, c->status,
+                      code[0] ? " " : "", code, msg[0] ? ": " : "", msg);
 }
 
 int s3_backoff_ms(int n)
@@ -539,8 +539,11 @@ static lc_rc create_bucket(s3store *st, lc_err *err)
                  "<CreateBucketConfiguration xmlns=\"http://s3.amazonaws.com/doc/2006-03-01/\">"
                  "<LocationConstraint>%s</LocationConstraint></CreateBucketConfiguration>",
                  st->cfg.region);
-    c = (s3call){.method = "PUT", .what = "create the bucket of", .key = st->bucket,
-                 .body = body, .body_len = strlen(body)};
+    c = (s3call){.method = "PUT",
+                 .what = "create the bucket of",
+                 .key = st->bucket,
+                 .body = body,
+                 .body_len = strlen(body)};
     if (!(c.url = s3_url(st, NULL, NULL)) ||
         s3_add_body_headers(st, &c, body, c.body_len, NULL) != 0) {
         rc = lc_err_set(err, LC_ERR_NOMEM, "out of memory");
@@ -636,7 +639,8 @@ static lc_rc s3_open(lc_store *s, const char *url, lc_err *err)
     }
     const char *sep = strstr(ep, "://");
     size_t sl = sep ? (size_t)(sep - ep) : 0;
-    if (!sep || sl >= sizeof(scheme) || (strncmp(ep, "http", sl) != 0 && strncmp(ep, "https", sl) != 0)) {
+    if (!sep || sl >= sizeof(scheme) ||
+        (strncmp(ep, "http", sl) != 0 && strncmp(ep, "https", sl) != 0)) {
         rc = lc_err_set(err, LC_ERR_CONFIG,
                         "RADPIPE_S3_ENDPOINT must be http://host[:port] or https://host[:port]");
         goto out;
@@ -708,8 +712,8 @@ static void s3_instrument(lc_store *s, lc_metrics *m, const char *prefix, const 
     static const double buckets[] = {0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60};
     snprintf(name, sizeof(name), "%s_part_seconds", prefix);
     snprintf(help, sizeof(help), "time to send one part or single-request object");
-    st->part_seconds = lc_metrics_histogram(m, name, help, labels, buckets,
-                                            sizeof(buckets) / sizeof(buckets[0]));
+    st->part_seconds =
+        lc_metrics_histogram(m, name, help, labels, buckets, sizeof(buckets) / sizeof(buckets[0]));
 }
 
 /* --- single-request operations ----------------------------------------------------------- */
@@ -751,8 +755,7 @@ static lc_rc s3_put_buf(lc_store *s, const char *key, const void *buf, size_t le
 }
 
 /* Read a local file into memory for a single PUT, or stream it through a writer. */
-static lc_rc s3_put_file(lc_store *s, const char *key, const char *src, unsigned flags,
-                         lc_err *err)
+static lc_rc s3_put_file(lc_store *s, const char *key, const char *src, unsigned flags, lc_err *err)
 {
     lc_rc rc = LC_OK;
     char *buf = NULL;
@@ -790,8 +793,8 @@ static lc_rc s3_put_file(lc_store *s, const char *key, const char *src, unsigned
     rc = lc_store_writer_commit(w, err);
     w = NULL;
     if (rc == LC_OK && (flags & LC_STORE_MOVE) && unlink(src) != 0 && errno != ENOENT)
-        rc = lc_err_set(err, LC_ERR_IO, "stored object \"%s\" but could not remove \"%s\": %s",
-                        key, src, strerror(errno));
+        rc = lc_err_set(err, LC_ERR_IO, "stored object \"%s\" but could not remove \"%s\": %s", key,
+                        src, strerror(errno));
 out:
     lc_store_writer_abort(w);
     free(buf);
@@ -799,8 +802,8 @@ out:
     return rc;
 }
 
-static lc_rc s3_read(lc_store *s, const char *key, int64_t offset, int64_t len,
-                     lc_store_read_fn fn, void *ctx, lc_err *err)
+static lc_rc s3_read(lc_store *s, const char *key, int64_t offset, int64_t len, lc_store_read_fn fn,
+                     void *ctx, lc_err *err)
 {
     s3store *st = s3_of(s);
     lc_rc rc = LC_OK;
@@ -821,8 +824,8 @@ static lc_rc s3_read(lc_store *s, const char *key, int64_t offset, int64_t len,
         }
         rc = s3_call_perform(st, &c, err);
         if (rc == LC_OK && c.status == 200 && ranged)
-            rc = lc_err_set(err, LC_ERR_STORE, "object store ignored the range read of \"%s\"",
-                            key);
+            rc =
+                lc_err_set(err, LC_ERR_STORE, "object store ignored the range read of \"%s\"", key);
         /* a range starting past the end is an empty read, not an error */
         if (rc == LC_ERR_INVALID && c.status == 416)
             rc = LC_OK;
@@ -1058,9 +1061,10 @@ static lc_rc s3_list(lc_store *s, const char *prefix, lc_store_list_fn fn, void 
         free(query);
         query = NULL;
         /* the canonical query: parameters sorted by name, values encoded */
-        int r = l.token ? asprintf(&query, "continuation-token=%s&list-type=2&max-keys=1000&prefix=%s",
-                                   (etoken = s3_escape(l.token, 0)) ? etoken : "", eprefix)
-                        : asprintf(&query, "list-type=2&max-keys=1000&prefix=%s", eprefix);
+        int r = l.token
+                    ? asprintf(&query, "continuation-token=%s&list-type=2&max-keys=1000&prefix=%s",
+                               (etoken = s3_escape(l.token, 0)) ? etoken : "", eprefix)
+                    : asprintf(&query, "list-type=2&max-keys=1000&prefix=%s", eprefix);
         if (r < 0 || (l.token && !etoken)) {
             query = NULL;
             rc = nomem(err);

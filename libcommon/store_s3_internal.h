@@ -11,10 +11,10 @@
 #include <pthread.h>
 #include "store_internal.h"
 
-#define S3_PART_MIN   (5LL << 20)  /* S3's smallest part (but the last) */
-#define S3_PART_MAX   (5LL << 30)  /* and largest */
-#define S3_PARTS_MAX  10000
-#define S3_RESP_MAX   (16 << 20) /* largest XML response accepted */
+#define S3_PART_MIN  (5LL << 20) /* S3's smallest part (but the last) */
+#define S3_PART_MAX  (5LL << 30) /* and largest */
+#define S3_PARTS_MAX 10000
+#define S3_RESP_MAX  (16 << 20) /* largest XML response accepted */
 /* Connections the shared pool keeps open for reuse. libcurl's default (5, applied to the
  * whole shared pool) made every request beyond the fifth concurrent one close its connection
  * and the next one open a new one. */
@@ -118,10 +118,9 @@ lc_rc s3_mpu_put_part(lc_store *s, const char *key, const char *upload_id, int n
 lc_rc s3_mpu_complete(lc_store *s, const char *key, const char *upload_id,
                       const lc_store_part *parts, size_t n, lc_err *err);
 lc_rc s3_mpu_abort(lc_store *s, const char *key, const char *upload_id, lc_err *err);
-lc_rc s3_mpu_list_parts(lc_store *s, const char *key, const char *upload_id,
-                        lc_store_part **parts, size_t *n, lc_err *err);
-lc_rc s3_mpu_list(lc_store *s, const char *prefix, lc_store_mpu_list_fn fn, void *ctx,
-                  lc_err *err);
+lc_rc s3_mpu_list_parts(lc_store *s, const char *key, const char *upload_id, lc_store_part **parts,
+                        size_t *n, lc_err *err);
+lc_rc s3_mpu_list(lc_store *s, const char *prefix, lc_store_mpu_list_fn fn, void *ctx, lc_err *err);
 lc_rc s3_writer_open(lc_store *s, const char *key, const lc_store_writer_opts *o,
                      lc_store_writer **out, lc_err *err);
 /* Single PUT of a buffer (also the writer's small-object path); sha256_hex: the buffer's

@@ -52,12 +52,11 @@ static void id_fn(void *ud, const char *path, const char *text)
         x->upload_id = strdup(text);
 }
 
-lc_rc s3_mpu_create(lc_store *s, const char *key, const char *digest, char **upload_id,
-                    lc_err *err)
+lc_rc s3_mpu_create(lc_store *s, const char *key, const char *digest, char **upload_id, lc_err *err)
 {
     s3store *st = s3_of(s);
-    s3call c = {.method = "POST", .what = "start an upload of", .key = key, .body = "",
-                .body_len = 0};
+    s3call c = {
+        .method = "POST", .what = "start an upload of", .key = key, .body = "", .body_len = 0};
     idctx x = {0};
     lc_rc rc;
     if (!(c.url = s3_url(st, key, "uploads=")) ||
@@ -92,8 +91,8 @@ static int part_call(s3store *st, s3call *c, const char *key, const char *upload
     char before[32];
     snprintf(before, sizeof(before), "partNumber=%d", number);
     char *q = upload_query(before, upload_id, NULL);
-    *c = (s3call){.method = "PUT", .what = "upload a part of", .key = key, .body = buf,
-                  .body_len = len};
+    *c = (s3call){
+        .method = "PUT", .what = "upload a part of", .key = key, .body = buf, .body_len = len};
     c->url = q ? s3_url(st, key, q) : NULL;
     free(q);
     if (!c->url || s3_add_body_headers(st, c, buf, len, sha256_hex) != 0)
@@ -183,7 +182,10 @@ lc_rc s3_mpu_complete(lc_store *s, const char *key, const char *upload_id,
         total += parts[i].size;
     }
     len += (size_t)snprintf(body + len, cap - len, "</CompleteMultipartUpload>");
-    c = (s3call){.method = "POST", .what = "complete the upload of", .key = key, .body = body,
+    c = (s3call){.method = "POST",
+                 .what = "complete the upload of",
+                 .key = key,
+                 .body = body,
                  .body_len = len};
     if (!(c.url = s3_url(st, key, q)) || s3_add_body_headers(st, &c, body, len, NULL) != 0 ||
         s3_add_header(&c, "Content-Type: application/xml") != 0) {
@@ -271,8 +273,8 @@ static int part_cmp(const void *a, const void *b)
     return ((const lc_store_part *)a)->number - ((const lc_store_part *)b)->number;
 }
 
-lc_rc s3_mpu_list_parts(lc_store *s, const char *key, const char *upload_id,
-                        lc_store_part **parts, size_t *n, lc_err *err)
+lc_rc s3_mpu_list_parts(lc_store *s, const char *key, const char *upload_id, lc_store_part **parts,
+                        size_t *n, lc_err *err)
 {
     s3store *st = s3_of(s);
     partsctx p = {0};
@@ -282,7 +284,8 @@ lc_rc s3_mpu_list_parts(lc_store *s, const char *key, const char *upload_id,
         snprintf(before, sizeof(before), "part-number-marker=%ld", p.marker);
         char *q = upload_query(p.marker ? before : NULL, upload_id, NULL);
         s3call c = {.method = "GET", .what = "list the parts of", .key = key};
-        if (!q || !(c.url = s3_url(st, key, q)) || s3_add_body_headers(st, &c, NULL, 0, NULL) != 0) {
+        if (!q || !(c.url = s3_url(st, key, q)) ||
+            s3_add_body_headers(st, &c, NULL, 0, NULL) != 0) {
             free(q);
             s3_call_free(&c);
             rc = nomem(err);
@@ -348,8 +351,7 @@ static void uploads_fn(void *ud, const char *path, const char *text)
     }
 }
 
-lc_rc s3_mpu_list(lc_store *s, const char *prefix, lc_store_mpu_list_fn fn, void *ctx,
-                  lc_err *err)
+lc_rc s3_mpu_list(lc_store *s, const char *prefix, lc_store_mpu_list_fn fn, void *ctx, lc_err *err)
 {
     s3store *st = s3_of(s);
     uploadsctx u = {.st = st, .fn = fn, .ctx = ctx};
@@ -387,7 +389,8 @@ lc_rc s3_mpu_list(lc_store *s, const char *prefix, lc_store_mpu_list_fn fn, void
         rc = s3_call_perform(st, &c, err);
         u.truncated = 0;
         if (rc == LC_OK)
-            rc = s3_xml_parse(c.resp.data ? c.resp.data : "", c.resp.len, NULL, uploads_fn, &u, err);
+            rc =
+                s3_xml_parse(c.resp.data ? c.resp.data : "", c.resp.len, NULL, uploads_fn, &u, err);
         s3_call_free(&c);
         if (rc != LC_OK || u.stopped || !u.truncated || !u.next_key)
             break;
@@ -429,7 +432,7 @@ typedef struct s3writer {
     int nslots;
     slot *cur;
     int next_number;
-    int multipart; /* decided: parts go out as they fill */
+    int multipart;  /* decided: parts go out as they fill */
     int64_t pumped; /* w->total when transfers were last driven */
     CURLM *multi;
     char *upload_id;
@@ -533,9 +536,8 @@ static int etag_is_md5_of(const char *etag, const void *buf, size_t len)
 /* Put the slot's request on the multi handle. */
 static lc_rc slot_start(s3writer *w, slot *sl, lc_err *err)
 {
-    if (!sl->call.url &&
-        part_call(w->st, &sl->call, w->key, w->upload_id, sl->number, sl->buf, sl->len,
-                  sl->sha256) != 0)
+    if (!sl->call.url && part_call(w->st, &sl->call, w->key, w->upload_id, sl->number, sl->buf,
+                                   sl->len, sl->sha256) != 0)
         return wfail(w, err, LC_ERR_NOMEM, "out of memory building an object store request");
     if (!sl->easy && !(sl->easy = curl_easy_init()))
         return wfail(w, err, LC_ERR_NOMEM, "out of memory starting a request");
@@ -866,8 +868,7 @@ static lc_rc w_commit(lc_store_writer *base, lc_err *err)
     s3writer *w = (s3writer *)base;
     lc_rc rc = LC_OK;
     if (w->failed) {
-        rc = lc_err_set(err, w->ferr.rc, "could not commit object \"%s\": %s", w->key,
-                        w->ferr.msg);
+        rc = lc_err_set(err, w->ferr.rc, "could not commit object \"%s\": %s", w->key, w->ferr.msg);
         goto out;
     }
     if (!w->multipart) {

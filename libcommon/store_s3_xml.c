@@ -80,8 +80,7 @@ static void on_text(void *ud, const XML_Char *s, int len)
     x->tlen += n;
 }
 
-lc_rc s3_xml_parse(const char *xml, size_t len, char root[64], s3_xml_fn fn, void *ctx,
-                   lc_err *err)
+lc_rc s3_xml_parse(const char *xml, size_t len, char root[64], s3_xml_fn fn, void *ctx, lc_err *err)
 {
     xstate x = {.fn = fn, .ctx = ctx, .root = root};
     if (root)
@@ -96,9 +95,9 @@ lc_rc s3_xml_parse(const char *xml, size_t len, char root[64], s3_xml_fn fn, voi
     XML_SetCharacterDataHandler(p, on_text);
     lc_rc rc = LC_OK;
     if (XML_Parse(p, xml, (int)len, 1) == XML_STATUS_ERROR)
-        rc = lc_err_set(err, LC_ERR_STORE, "could not parse the object store's answer: %s (line %lu)",
-                        XML_ErrorString(XML_GetErrorCode(p)),
-                        (unsigned long)XML_GetCurrentLineNumber(p));
+        rc = lc_err_set(
+            err, LC_ERR_STORE, "could not parse the object store's answer: %s (line %lu)",
+            XML_ErrorString(XML_GetErrorCode(p)), (unsigned long)XML_GetCurrentLineNumber(p));
     XML_ParserFree(p);
     return rc;
 }

@@ -89,9 +89,12 @@ int main(int argc, char **argv)
     ntf_opts o = {.name = "notify"};
     int quiet = 0, code = 2;
     static const struct option longs[] = {
-        {"name", required_argument, NULL, 'n'}, {"move", no_argument, NULL, 'm'},
-        {"dry-run", no_argument, NULL, 'd'},    {"quiet", no_argument, NULL, 'q'},
-        {"help", no_argument, NULL, 'h'},       {"version", no_argument, NULL, 'V'},
+        {"name", required_argument, NULL, 'n'},
+        {"move", no_argument, NULL, 'm'},
+        {"dry-run", no_argument, NULL, 'd'},
+        {"quiet", no_argument, NULL, 'q'},
+        {"help", no_argument, NULL, 'h'},
+        {"version", no_argument, NULL, 'V'},
         {NULL, 0, NULL, 0},
     };
     int c;
@@ -137,10 +140,11 @@ int main(int argc, char **argv)
     lc_log_init("radpipe-notify", (lc_log_level)lc_log_level_parse(cfg.log_level));
     o.prefix = cfg.topic_prefix;
     if (!o.dry_run) {
-        const lc_kafka_conf kc = {.brokers = cfg.kafka_brokers,
-                                  .topic_prefix = cfg.topic_prefix,
-                                  .client_id = "radpipe-notify",
-                                  .extra = (const char *const *)(extra = split_options(
+        const lc_kafka_conf kc = {
+            .brokers = cfg.kafka_brokers,
+            .topic_prefix = cfg.topic_prefix,
+            .client_id = "radpipe-notify",
+            .extra = (const char *const *)(extra = split_options(
                                                cfg.kafka_options ? cfg.kafka_options : ""))};
         if (lc_store_open(cfg.store_url, &store, &err) != LC_OK ||
             lc_kafka_producer_new(&kc, &p, &err) != LC_OK) {

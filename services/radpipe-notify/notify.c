@@ -142,8 +142,8 @@ static lc_rc take(const ntf_opts *o, lc_store *store, nfile *f, FILE *out, ntf_s
         return LC_OK;
     }
     const lc_dicom_header *h = f->h;
-    if (asprintf(&f->key, "instances/%s/%s/%s.dcm", h->study_instance_uid,
-                 h->series_instance_uid, h->sop_instance_uid) < 0) {
+    if (asprintf(&f->key, "instances/%s/%s/%s.dcm", h->study_instance_uid, h->series_instance_uid,
+                 h->sop_instance_uid) < 0) {
         f->key = NULL;
         return lc_err_set(err, LC_ERR_NOMEM, "out of memory");
     }

@@ -16,12 +16,12 @@
 
 typedef struct upl_cfg {
     char *archive_url;
-    char *url_pattern;    /* RADPIPE_ARCHIVE_URL_PATTERN */
-    char *layout;         /* instance|series-tar|study-tar */
-    char *missing;        /* value of a keyword that has none and no default */
+    char *url_pattern;     /* RADPIPE_ARCHIVE_URL_PATTERN */
+    char *layout;          /* instance|series-tar|study-tar */
+    char *missing;         /* value of a keyword that has none and no default */
     long long concurrency; /* objects in flight per destination */
-    char *dest_limits;    /* "url-prefix=n,..." lower limits for some destinations */
-    long long rate_limit; /* bytes per second per worker, 0 = unlimited */
+    char *dest_limits;     /* "url-prefix=n,..." lower limits for some destinations */
+    long long rate_limit;  /* bytes per second per worker, 0 = unlimited */
 } upl_cfg;
 
 /* An opened destination store, cached for the process (the worker thread opens them). */
@@ -35,9 +35,9 @@ typedef struct upl_dest {
 #define UPL_DESTS_MAX 32
 
 typedef struct upl_ctx {
-    lc_service *svc;    /* borrowed */
-    const upl_cfg *cfg; /* borrowed */
-    lc_store *archive;  /* owned: RADPIPE_ARCHIVE_URL */
+    lc_service *svc;               /* borrowed */
+    const upl_cfg *cfg;            /* borrowed */
+    lc_store *archive;             /* owned: RADPIPE_ARCHIVE_URL */
     upl_dest dests[UPL_DESTS_MAX]; /* owned; dests[i].url NULL when free */
     size_t ndests;
     lc_counter *bytes, *objects, *skipped;

@@ -341,8 +341,8 @@ static lc_rc stream_object(stream *s, lc_err *err)
     if (rc == LC_OK)
         rc = stream_bytes(s, zeros, sizeof(zeros), err);
     if (rc == LC_OK && s->written != o->size)
-        rc = lc_err_set(err, LC_ERR_INTERNAL, "archive \"%s\" has %lld bytes, planned %lld",
-                        o->key, (long long)s->written, (long long)o->size);
+        rc = lc_err_set(err, LC_ERR_INTERNAL, "archive \"%s\" has %lld bytes, planned %lld", o->key,
+                        (long long)s->written, (long long)o->size);
     return rc;
 }
 

@@ -138,9 +138,9 @@ lc_rc upl_init(upl_ctx *u, lc_service *svc, const upl_cfg *cfg, lc_err *err)
                                   "bytes written to the archive", NULL);
     u->objects = lc_metrics_counter(svc->metrics, "radpipe_upload_objects_total",
                                     "objects written to the archive", NULL);
-    u->skipped = lc_metrics_counter(svc->metrics, "radpipe_upload_skipped_total",
-                                    "objects already archived with the same digest, not sent",
-                                    NULL);
+    u->skipped =
+        lc_metrics_counter(svc->metrics, "radpipe_upload_skipped_total",
+                           "objects already archived with the same digest, not sent", NULL);
     if (dest_limit(cfg, "") < 0)
         return lc_err_set(err, LC_ERR_CONFIG,
                           "RADPIPE_UPLOAD_DEST_LIMITS must be url-prefix=n[,url-prefix=n] with n "

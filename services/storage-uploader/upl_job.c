@@ -36,19 +36,22 @@ static const char *const study_cols[][2] = {
 };
 
 static const char *const series_cols[][2] = {
-    {"SeriesInstanceUID", "series_uid"},   {"Modality", "modality"},
-    {"SeriesNumber", "series_number"},     {"SeriesDescription", "series_description"},
-    {"BodyPartExamined", "body_part_examined"}, {"SeriesDate", "series_date"},
+    {"SeriesInstanceUID", "series_uid"},
+    {"Modality", "modality"},
+    {"SeriesNumber", "series_number"},
+    {"SeriesDescription", "series_description"},
+    {"BodyPartExamined", "body_part_examined"},
+    {"SeriesDate", "series_date"},
     {"SeriesTime", "series_time"},
 };
 
 #define STUDY_SQL                                                                                  \
     "SELECT study_uid, patient_id, patient_name, patient_birth_date, patient_sex, study_date, "    \
-    "study_time, accession_number, study_id, study_description, referring_physician, "            \
-    "institution_name, issuer_of_patient_id, array_to_string(modalities, '\\') AS "               \
+    "study_time, accession_number, study_id, study_description, referring_physician, "             \
+    "institution_name, issuer_of_patient_id, array_to_string(modalities, '\\') AS "                \
     "modalities_text FROM studies WHERE study_uid = $1"
 #define SERIES_SQL                                                                                 \
-    "SELECT series_uid, modality, series_number::text AS series_number, series_description, "     \
+    "SELECT series_uid, modality, series_number::text AS series_number, series_description, "      \
     "body_part_examined, series_date, series_time FROM series WHERE series_uid = $1"
 
 typedef struct lookup {
@@ -94,8 +97,8 @@ static char *json_value(const cJSON *attr)
             if (cJSON_IsString(a))
                 lc_strlcpy(one, a->valuestring, sizeof(one));
         }
-        n += (size_t)snprintf(buf + n, n < sizeof(buf) ? sizeof(buf) - n : 0, "%s%s",
-                              n ? "\\" : "", one);
+        n += (size_t)snprintf(buf + n, n < sizeof(buf) ? sizeof(buf) - n : 0, "%s%s", n ? "\\" : "",
+                              one);
         if (n >= sizeof(buf))
             break;
     }
@@ -118,8 +121,10 @@ static lc_rc lookup_fn(void *ctx, const char *keyword, char **value, lc_err *err
         }
     unsigned tag = 0;
     if (lc_dicom_keyword_tag(keyword, &tag, NULL) != LC_OK)
-        return lc_err_set(err, LC_ERR_INVALID, "\"%s\" in the destination pattern is not a DICOM "
-                          "keyword", keyword);
+        return lc_err_set(err, LC_ERR_INVALID,
+                          "\"%s\" in the destination pattern is not a DICOM "
+                          "keyword",
+                          keyword);
     if (!l->meta_loaded && l->sop) {
         PGresult *res = NULL;
         const char *p[1] = {l->sop};
@@ -167,10 +172,9 @@ static lc_rc read_params(const upl_ctx *u, const cJSON *p, params *out, lc_err *
                 return lc_err_set(err, LC_ERR_INVALID, "url_pattern must be a non-empty string");
             out->pattern = v->valuestring;
         } else if (strcmp(v->string, "layout") == 0) {
-            if (!cJSON_IsString(v) ||
-                (strcmp(v->valuestring, "instance") != 0 &&
-                 strcmp(v->valuestring, "series-tar") != 0 &&
-                 strcmp(v->valuestring, "study-tar") != 0))
+            if (!cJSON_IsString(v) || (strcmp(v->valuestring, "instance") != 0 &&
+                                       strcmp(v->valuestring, "series-tar") != 0 &&
+                                       strcmp(v->valuestring, "study-tar") != 0))
                 return lc_err_set(err, LC_ERR_INVALID,
                                   "layout must be \"instance\", \"series-tar\" or \"study-tar\"");
             out->layout = v->valuestring;
@@ -240,13 +244,12 @@ static lc_rc load_instances(upl_run *r, const params *pp, lc_err *err)
         p[1] = arr;
     }
     rc = lc_db_exec(r->j->db,
-                    pp->series
-                        ? "SELECT sop_uid, series_uid, store_key, size_bytes, sha256 FROM "
-                          "instances WHERE study_uid = $1 AND series_uid = ANY($2::text[]) "
-                          "ORDER BY series_uid, instance_number NULLS LAST, sop_uid"
-                        : "SELECT sop_uid, series_uid, store_key, size_bytes, sha256 FROM "
-                          "instances WHERE study_uid = $1 "
-                          "ORDER BY series_uid, instance_number NULLS LAST, sop_uid",
+                    pp->series ? "SELECT sop_uid, series_uid, store_key, size_bytes, sha256 FROM "
+                                 "instances WHERE study_uid = $1 AND series_uid = ANY($2::text[]) "
+                                 "ORDER BY series_uid, instance_number NULLS LAST, sop_uid"
+                               : "SELECT sop_uid, series_uid, store_key, size_bytes, sha256 FROM "
+                                 "instances WHERE study_uid = $1 "
+                                 "ORDER BY series_uid, instance_number NULLS LAST, sop_uid",
                     pp->series ? 2 : 1, p, &res, err);
     free(arr);
     if (rc != LC_OK)
@@ -282,8 +285,8 @@ static lc_rc load_instances(upl_run *r, const params *pp, lc_err *err)
 
 /* The group for the pattern's expansion with the given lookup (an existing one when the
  * destination and prefix are the same). */
-static lc_rc group_for(upl_run *r, const params *pp, lookup *l, const char *subset,
-                       upl_group **out, lc_err *err)
+static lc_rc group_for(upl_run *r, const params *pp, lookup *l, const char *subset, upl_group **out,
+                       lc_err *err)
 {
     char *exp = NULL, *url = NULL, *prefix = NULL;
     lc_rc rc = upl_pattern_expand(pp->pattern, lookup_fn, l, r->u->cfg->missing, &exp, err);
@@ -639,7 +642,8 @@ lc_rc upl_job(void *ctx, lc_worker_job *j, cJSON **result, lc_err *err)
     if ((rc = read_params(u, j->job->params, &pp, err)) != LC_OK)
         goto out;
     r.layout = pp.layout;
-    if (pp.pattern != u->cfg->url_pattern && (rc = upl_pattern_validate(pp.pattern, err)) != LC_OK) {
+    if (pp.pattern != u->cfg->url_pattern &&
+        (rc = upl_pattern_validate(pp.pattern, err)) != LC_OK) {
         lc_err_wrap(err, "invalid url_pattern");
         rc = LC_ERR_INVALID;
         goto out;

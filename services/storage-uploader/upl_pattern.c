@@ -19,10 +19,10 @@
 
 /* ASCII spellings of U+00C0..U+00FF (Latin-1 letters); "" = no letter (× ÷). */
 static const char *const latin1[64] = {
-    "A", "A", "A", "A", "A", "A", "AE", "C", "E", "E", "E", "E", "I", "I", "I", "I",
-    "D", "N", "O", "O", "O", "O", "O", "",  "O", "U", "U", "U", "U", "Y", "TH", "ss",
-    "a", "a", "a", "a", "a", "a", "ae", "c", "e", "e", "e", "e", "i", "i", "i", "i",
-    "d", "n", "o", "o", "o", "o", "o", "",  "o", "u", "u", "u", "u", "y", "th", "y",
+    "A", "A", "A", "A", "A", "A", "AE", "C", "E", "E", "E", "E", "I", "I", "I",  "I",
+    "D", "N", "O", "O", "O", "O", "O",  "",  "O", "U", "U", "U", "U", "Y", "TH", "ss",
+    "a", "a", "a", "a", "a", "a", "ae", "c", "e", "e", "e", "e", "i", "i", "i",  "i",
+    "d", "n", "o", "o", "o", "o", "o",  "",  "o", "u", "u", "u", "u", "y", "th", "y",
 };
 
 /* Decode one UTF-8 sequence at s (n bytes left): the code point, or -1 for a bad sequence;
@@ -32,7 +32,10 @@ static long utf8_next(const unsigned char *s, size_t n, size_t *len)
     *len = 1;
     if (s[0] < 0x80)
         return s[0];
-    int extra = (s[0] & 0xE0) == 0xC0 ? 1 : (s[0] & 0xF0) == 0xE0 ? 2 : (s[0] & 0xF8) == 0xF0 ? 3 : -1;
+    int extra = (s[0] & 0xE0) == 0xC0   ? 1
+                : (s[0] & 0xF0) == 0xE0 ? 2
+                : (s[0] & 0xF8) == 0xF0 ? 3
+                                        : -1;
     if (extra < 0 || (size_t)extra >= n)
         return -1;
     long cp = s[0] & (0x3F >> extra);
@@ -169,14 +172,14 @@ static lc_rc parse_term(const char *body, size_t len, term *t, lc_err *err)
         char num[24], *e = NULL;
         size_t nl = (size_t)(kend - br - 2);
         if (kend[-1] != ']' || nl == 0 || nl >= sizeof(num))
-            return lc_err_set(err, LC_ERR_INVALID, "bad index in pattern term \"{%.*s}\"",
-                              (int)len, body);
+            return lc_err_set(err, LC_ERR_INVALID, "bad index in pattern term \"{%.*s}\"", (int)len,
+                              body);
         memcpy(num, br + 1, nl);
         num[nl] = '\0';
         t->index = strtol(num, &e, 10);
         if (*e)
-            return lc_err_set(err, LC_ERR_INVALID, "bad index in pattern term \"{%.*s}\"",
-                              (int)len, body);
+            return lc_err_set(err, LC_ERR_INVALID, "bad index in pattern term \"{%.*s}\"", (int)len,
+                              body);
         if (nend - body < 5 || strncmp(nend - 4, "Path", 4) != 0)
             return lc_err_set(err, LC_ERR_INVALID,
                               "an index needs the Path form, \"{KeywordPath[n]}\", not \"{%.*s}\"",
@@ -189,8 +192,8 @@ static lc_rc parse_term(const char *body, size_t len, term *t, lc_err *err)
         return lc_err_set(err, LC_ERR_INVALID, "empty or overlong keyword in pattern");
     for (size_t i = 0; i < kl; i++)
         if (!isalnum((unsigned char)body[i]))
-            return lc_err_set(err, LC_ERR_INVALID, "invalid keyword \"%.*s\" in pattern",
-                              (int)kl, body);
+            return lc_err_set(err, LC_ERR_INVALID, "invalid keyword \"%.*s\" in pattern", (int)kl,
+                              body);
     memcpy(t->keyword, body, kl);
     t->keyword[kl] = '\0';
     return LC_OK;

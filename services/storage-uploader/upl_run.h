@@ -25,19 +25,19 @@ typedef struct upl_group {
 } upl_group;
 
 typedef struct upl_obj {
-    int tar;          /* 0: one instance; 1: a tar of members */
+    int tar; /* 0: one instance; 1: a tar of members */
     upl_group *g;
-    char *key;        /* full key in the destination */
-    const char *rel;  /* key relative to the group's prefix (points into key) */
-    int64_t size;     /* bytes the object will hold */
-    char digest[65];  /* what lc_store keeps with it: the SHA-256 of an instance, or of a
-                       * tar's member list */
-    char sha256[65];  /* the SHA-256 of the object's bytes once known */
+    char *key;       /* full key in the destination */
+    const char *rel; /* key relative to the group's prefix (points into key) */
+    int64_t size;    /* bytes the object will hold */
+    char digest[65]; /* what lc_store keeps with it: the SHA-256 of an instance, or of a
+                      * tar's member list */
+    char sha256[65]; /* the SHA-256 of the object's bytes once known */
     upl_inst **members;
-    char **names;     /* tar member names */
+    char **names; /* tar member names */
     size_t nmembers;
-    int skipped;      /* already in place with the same digest */
-    int listed;       /* the destination's listing holds the key, with listed_size bytes */
+    int skipped; /* already in place with the same digest */
+    int listed;  /* the destination's listing holds the key, with listed_size bytes */
     int64_t listed_size;
 } upl_obj;
 

@@ -33,7 +33,7 @@ int main(int argc, char **argv)
         passes++;
     } while (lc_now_ms() - t0 < 2000);
     double secs = (double)(lc_now_ms() - t0) / 1000.0;
-    printf("ours_files_per_s=%.1f files=%d passes=%d failed=%ld\n", (double)parsed / secs,
-           argc - 1, passes, failed / passes);
+    printf("ours_files_per_s=%.1f files=%d passes=%d failed=%ld\n", (double)parsed / secs, argc - 1,
+           passes, failed / passes);
     return 0;
 }

@@ -2,8 +2,8 @@
  * fuzz_multipart.c: libFuzzer target for the gateway's streaming multipart parser
  * (services/api-gateway/gw_multipart.c, compiled in here: the parser is pure C without the
  * server around it). Each input is parsed twice, in one piece and split at input-chosen
- * points; both runs must agree on the verdict and, on success, on the parts and their bytes; callbacks
- * must come in order (begin, data..., end), and no part may exceed the limits. The first
+ * points; both runs must agree on the verdict and, on success, on the parts and their bytes;
+ * callbacks must come in order (begin, data..., end), and no part may exceed the limits. The first
  * input line is also parsed as a Content-Type header. Never a crash, leak or hang.
  */
 #include <stddef.h>

@@ -167,7 +167,8 @@ static void tmpl_load(tmpl *t, const char *path)
     assert_true(t->len > 132 && memcmp(t->bytes + 128, "DICM", 4) == 0);
     const unsigned char *p = (const unsigned char *)t->bytes;
     for (size_t pos = 132; pos + 8 <= t->len;) {
-        const uint32_t tag = (uint32_t)(p[pos] | p[pos + 1] << 8) << 16 | (p[pos + 2] | p[pos + 3] << 8);
+        const uint32_t tag =
+            (uint32_t)(p[pos] | p[pos + 1] << 8) << 16 | (p[pos + 2] | p[pos + 3] << 8);
         const char *vr = t->bytes + pos + 4;
         size_t hdr = 8, vl = (size_t)(p[pos + 6] | p[pos + 7] << 8);
         if (!memcmp(vr, "OB", 2) || !memcmp(vr, "OW", 2) || !memcmp(vr, "SQ", 2) ||
@@ -198,8 +199,7 @@ static void uid_of(char *out, size_t len, unsigned long long id)
 }
 
 /* Write instance n of study s (series s.1) to path; its UIDs come back. */
-static void gen_file(tmpl *t, const char *path, int s, int n, char *study, char *series,
-                     char *sop)
+static void gen_file(tmpl *t, const char *path, int s, int n, char *study, char *series, char *sop)
 {
     char v[80];
     uid_of(study, t->vlen[2], 1000000ULL * (unsigned long long)(s + 1));
@@ -265,8 +265,8 @@ static void test_sigkill_mid_ingest(void **state)
             cJSON_AddNumberToObject(d, "size", (double)t.len);
             cJSON_AddStringToObject(d, "sha256", sha);
             lc_event *ev = NULL;
-            assert_int_equal(lc_event_new(LC_EV_INSTANCE_STORED, "/radpipe/test", study, d, &ev, &e),
-                             LC_OK);
+            assert_int_equal(
+                lc_event_new(LC_EV_INSTANCE_STORED, "/radpipe/test", study, d, &ev, &e), LC_OK);
             size_t i = (size_t)(s * NPER + n);
             payloads[i] = lc_event_to_json(ev);
             keys[i] = strdup(study);
@@ -306,7 +306,8 @@ static void test_sigkill_mid_ingest(void **state)
     stop_clean(idx);
 
     /* exactly once: one row each, never replaced, one processed event each, exact counts */
-    assert_int_equal(scalar_ll("SELECT count(*) FROM instances WHERE replaced_count <> 0", NULL), 0);
+    assert_int_equal(scalar_ll("SELECT count(*) FROM instances WHERE replaced_count <> 0", NULL),
+                     0);
     assert_int_equal(scalar_ll("SELECT count(DISTINCT sop_uid) FROM instances", NULL),
                      (long long)total);
     assert_int_equal(scalar_ll("SELECT count(*) FROM processed_events"
@@ -343,8 +344,8 @@ static pid_t start_storescp(const char *spool, int port, const char *log)
     char portbuf[16];
     snprintf(portbuf, sizeof(portbuf), "%d", port);
     /* the arguments of compose.yml's dicom-receiver */
-    char *argv[] = {"/usr/bin/storescp", "+xa",    "--aetitle", "RADPIPE", "--output-directory",
-                    (char *)spool,        portbuf, NULL};
+    char *argv[] = {"/usr/bin/storescp",  "+xa",         "--aetitle", "RADPIPE",
+                    "--output-directory", (char *)spool, portbuf,     NULL};
     pid_t pid = ts_spawn(argv, NULL, log);
     assert_true(pid > 0);
     for (int i = 0; i < 100; i++) { /* wait until it answers a C-ECHO */
@@ -440,16 +441,12 @@ static void test_storescu_to_spool(void **state)
         for (char **b = bad; *b; b++) {
             const char *base = strrchr(*b, '/') + 1;
             /* the ones the parser rejects (test_idx_corpus lists them) */
-            static const char *const rejected[] = {"empty_charset_LEI.dcm",
-                                                   "fo-dicom_GH179B.dcm",
-                                                   "fo-dicom_GH220.dcm",
-                                                   "fo-dicom_GH223.dcm",
-                                                   "fo-dicom_GH487.dcm",
-                                                   "meta_missing_tsyntax.dcm",
-                                                   "no_meta.dcm",
-                                                   "no_meta_group_length.dcm",
-                                                   "rtplan_truncated.dcm",
-                                                   NULL};
+            static const char *const rejected[] = {
+                "empty_charset_LEI.dcm", "fo-dicom_GH179B.dcm",
+                "fo-dicom_GH220.dcm",    "fo-dicom_GH223.dcm",
+                "fo-dicom_GH487.dcm",    "meta_missing_tsyntax.dcm",
+                "no_meta.dcm",           "no_meta_group_length.dcm",
+                "rtplan_truncated.dcm",  NULL};
             int take = 0;
             for (const char *const *r = rejected; *r; r++)
                 take |= strcmp(*r, base) == 0;
@@ -491,8 +488,7 @@ static void test_storescu_to_spool(void **state)
         free(out);
         free(c2);
     }
-    expect_sql("SELECT count(*) FROM instances WHERE sop_uid = $1 AND rows = 64", mr_sop, "1",
-               60);
+    expect_sql("SELECT count(*) FROM instances WHERE sop_uid = $1 AND rows = 64", mr_sop, "1", 60);
     free(mr_sop);
     for (int i = 0; i < 100 && !spool_empty(spool); i++)
         usleep(100 * 1000);

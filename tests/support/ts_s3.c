@@ -28,8 +28,10 @@ static int launch(ts_s3 *s, const char *buckets)
 {
     char *script = xfmt("%s/tests/node/s3rver.mjs", ts_root());
     char *out = xfmt("%s/s3rver.out", s->dir);
-    char *cmd = xfmt("exec node --openssl-legacy-provider '%s' --dir '%s' --port %d --log '%s' --buckets '%s' %s", script,
-                     s->data, s->port, s->log, buckets ? buckets : "", s->extra ? s->extra : "");
+    char *cmd =
+        xfmt("exec node --openssl-legacy-provider '%s' --dir '%s' --port %d --log '%s' --buckets "
+             "'%s' %s",
+             script, s->data, s->port, s->log, buckets ? buckets : "", s->extra ? s->extra : "");
     char *const argv[] = {"/bin/sh", "-c", cmd, NULL};
     unlink(out);
     s->pid = ts_spawn(argv, NULL, out);
@@ -63,8 +65,8 @@ int ts_s3_start(ts_s3 *s, const char *buckets, const char *extra)
     s->extra = extra ? strdup(extra) : NULL;
     s->port = ts_free_port();
     int tls = extra && strstr(extra, "--cert");
-    s->endpoint = xfmt("%s://%s:%d", tls ? "https" : "http", tls ? "localhost" : "127.0.0.1",
-                       s->port);
+    s->endpoint =
+        xfmt("%s://%s:%d", tls ? "https" : "http", tls ? "localhost" : "127.0.0.1", s->port);
     setenv("RADPIPE_S3_ENDPOINT", s->endpoint, 1);
     setenv("RADPIPE_S3_ACCESS_KEY", "S3RVER", 1);
     setenv("RADPIPE_S3_SECRET_KEY", "S3RVER", 1);

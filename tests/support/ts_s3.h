@@ -11,9 +11,9 @@
 #include <sys/types.h>
 
 typedef struct ts_s3 {
-    char *dir;  /* temporary directory: data/, s3rver.log (requests), s3rver.out */
-    char *data; /* dir/data: s3rver's store */
-    char *log;  /* dir/s3rver.log: one JSON line per request */
+    char *dir;      /* temporary directory: data/, s3rver.log (requests), s3rver.out */
+    char *data;     /* dir/data: s3rver's store */
+    char *log;      /* dir/s3rver.log: one JSON line per request */
     char *endpoint; /* "http://127.0.0.1:PORT" (https with TLS) */
     char *extra;    /* extra launcher arguments, kept for restarts */
     int port;

@@ -51,9 +51,9 @@ typedef struct lc_dicom_header {
     int number_of_temporal_positions;        /* 0 when absent */
     int has_pixel_data;
     /* more QIDO-RS attributes (PS3.18 10.6.3.3) and the index's columns (proto/sql/002) */
-    char *issuer_of_patient_id; /* (0010,0021) */
-    char *institution_name;     /* (0008,0080) */
-    char *timezone_offset;      /* (0008,0201) TimezoneOffsetFromUTC, "+hhmm" */
+    char *issuer_of_patient_id;            /* (0010,0021) */
+    char *institution_name;                /* (0008,0080) */
+    char *timezone_offset;                 /* (0008,0201) TimezoneOffsetFromUTC, "+hhmm" */
     char *series_date, *series_time;       /* (0008,0021), (0008,0031) */
     char *content_date, *content_time;     /* (0008,0023), (0008,0033) */
     char *pps_start_date, *pps_start_time; /* PerformedProcedureStepStart (0040,0244/0245) */
@@ -99,8 +99,7 @@ lc_rc lc_dicom_read_header(const char *path, lc_dicom_header **out, lc_err *err)
 /* Same from memory (for fuzzing and HTTP bodies already in memory). */
 lc_rc lc_dicom_read_header_buf(const void *buf, size_t len, lc_dicom_header **out, lc_err *err);
 /* The same with LC_DICOM_* flags. */
-lc_rc lc_dicom_read_header_ex(const char *path, unsigned flags, lc_dicom_header **out,
-                              lc_err *err);
+lc_rc lc_dicom_read_header_ex(const char *path, unsigned flags, lc_dicom_header **out, lc_err *err);
 lc_rc lc_dicom_read_header_buf_ex(const void *buf, size_t len, unsigned flags,
                                   lc_dicom_header **out, lc_err *err);
 void lc_dicom_header_free(lc_dicom_header *h);

@@ -105,7 +105,8 @@ static int teardown(void **state)
 
 static char *aws_get(fx *f, const char *key, size_t *len)
 {
-    char *tmp = ts_tmpdir("s3get"), *args = xfmt("s3 cp --only-show-errors 's3://bkt/pre/fix/%s' '%s/out'", key, tmp);
+    char *tmp = ts_tmpdir("s3get"),
+         *args = xfmt("s3 cp --only-show-errors 's3://bkt/pre/fix/%s' '%s/out'", key, tmp);
     char *p = xfmt("%s/out", tmp);
     char *data = NULL;
     if (ts_s3_aws(&f->s3, args, NULL) == 0)
@@ -324,8 +325,8 @@ static void test_writer_multipart(void **state)
     fill(data, len, 7);
     lc_sha256_hex(data, len, hex);
     rec r = {0};
-    lc_store_writer_opts o = {.digest = hex, .size_hint = -1, .on_upload = rec_upload,
-                              .on_part = rec_part, .ctx = &r};
+    lc_store_writer_opts o = {
+        .digest = hex, .size_hint = -1, .on_upload = rec_upload, .on_part = rec_part, .ctx = &r};
     lc_store_writer *w = NULL;
     assert_int_equal(lc_store_writer_open_opts(f->st, "big/obj", &o, &w, &e), LC_OK);
     assert_int_equal(write_all(w, data, len, &e), LC_OK);
@@ -374,8 +375,11 @@ static void test_writer_resume(void **state)
     char *data = malloc(len);
     fill(data, len, 11);
     rec r = {.stop_after = 3};
-    lc_store_writer_opts o = {.size_hint = (int64_t)len, .on_upload = rec_upload,
-                              .on_part = rec_part, .should_stop = rec_stop, .ctx = &r};
+    lc_store_writer_opts o = {.size_hint = (int64_t)len,
+                              .on_upload = rec_upload,
+                              .on_part = rec_part,
+                              .should_stop = rec_stop,
+                              .ctx = &r};
     lc_store_writer *w = NULL;
     assert_int_equal(lc_store_writer_open_opts(f->st, "resume/obj", &o, &w, &e), LC_OK);
     lc_rc rc = write_all(w, data, len, &e);
@@ -387,29 +391,34 @@ static void test_writer_resume(void **state)
     if (!(r.n >= 3 && r.n < 7) || ts_s3_incomplete_uploads(&f->s3, "bkt") != 1)
         fail_msg("stopped after %d parts, %d uploads open (%s)", r.n,
                  ts_s3_incomplete_uploads(&f->s3, "bkt"), e.msg);
-    int before = ts_s3_log_count(&f->s3, (const char *const[]){"partNumber=", "\"status\":200", NULL});
+    int before =
+        ts_s3_log_count(&f->s3, (const char *const[]){"partNumber=", "\"status\":200", NULL});
 
     /* the store lists the same parts */
     lc_store_part *listed = NULL;
     size_t nlisted = 0;
-    assert_int_equal(lc_store_mpu_list_parts(f->st, "resume/obj", r.upload_id, &listed, &nlisted,
-                                             &e),
-                     LC_OK);
+    assert_int_equal(
+        lc_store_mpu_list_parts(f->st, "resume/obj", r.upload_id, &listed, &nlisted, &e), LC_OK);
     assert_true((int)nlisted >= r.n);
     free(listed);
 
     /* resume: the acknowledged parts are hashed and skipped, the rest is sent */
     rec r2 = {0};
     lc_strlcpy(r2.upload_id, r.upload_id, sizeof(r2.upload_id));
-    o = (lc_store_writer_opts){.size_hint = (int64_t)len, .resume_upload_id = r.upload_id,
-                               .done = r.parts, .ndone = (size_t)r.n, .on_upload = rec_upload,
-                               .on_part = rec_part, .ctx = &r2};
+    o = (lc_store_writer_opts){.size_hint = (int64_t)len,
+                               .resume_upload_id = r.upload_id,
+                               .done = r.parts,
+                               .ndone = (size_t)r.n,
+                               .on_upload = rec_upload,
+                               .on_part = rec_part,
+                               .ctx = &r2};
     assert_int_equal(lc_store_writer_open_opts(f->st, "resume/obj", &o, &w, &e), LC_OK);
     assert_int_equal(write_all(w, data, len, &e), LC_OK);
     assert_int_equal(lc_store_writer_commit(w, &e), LC_OK);
     assert_int_equal(r2.uploads, 0);
     assert_int_equal(r.n + r2.n, 7);
-    int after = ts_s3_log_count(&f->s3, (const char *const[]){"partNumber=", "\"status\":200", NULL});
+    int after =
+        ts_s3_log_count(&f->s3, (const char *const[]){"partNumber=", "\"status\":200", NULL});
     assert_int_equal(after - before, 7 - r.n); /* nothing acknowledged was sent again */
     for (int i = 0; i < r.n; i++) {
         char q[64];
@@ -426,15 +435,20 @@ static void test_writer_resume(void **state)
 
     /* resuming with different bytes is refused and the upload is aborted */
     r = (rec){.stop_after = 2};
-    o = (lc_store_writer_opts){.size_hint = (int64_t)len, .on_upload = rec_upload,
-                               .on_part = rec_part, .should_stop = rec_stop, .ctx = &r};
+    o = (lc_store_writer_opts){.size_hint = (int64_t)len,
+                               .on_upload = rec_upload,
+                               .on_part = rec_part,
+                               .should_stop = rec_stop,
+                               .ctx = &r};
     assert_int_equal(lc_store_writer_open_opts(f->st, "resume/two", &o, &w, &e), LC_OK);
     if (write_all(w, data, len, &e) == LC_OK)
         fail_msg("the writer did not stop");
     lc_store_writer_detach(w);
     data[10] ^= 1;
-    o = (lc_store_writer_opts){.size_hint = (int64_t)len, .resume_upload_id = r.upload_id,
-                               .done = r.parts, .ndone = (size_t)r.n};
+    o = (lc_store_writer_opts){.size_hint = (int64_t)len,
+                               .resume_upload_id = r.upload_id,
+                               .done = r.parts,
+                               .ndone = (size_t)r.n};
     assert_int_equal(lc_store_writer_open_opts(f->st, "resume/two", &o, &w, &e), LC_OK);
     rc = write_all(w, data, len, &e);
     if (rc == LC_OK)

@@ -270,8 +270,11 @@ static int setup(void **state)
         fail_msg("store: %s", lc_err_msg(&err));
     free(surl);
     f->metrics = lc_metrics_new();
-    idx_cfg cfg = {.batch_max = 500, .quiet_seconds = 3600, .job_max_attempts = 5,
-                   .parse_threads = 2, .verify_sha256 = 1};
+    idx_cfg cfg = {.batch_max = 500,
+                   .quiet_seconds = 3600,
+                   .job_max_attempts = 5,
+                   .parse_threads = 2,
+                   .verify_sha256 = 1};
     if (idx_init(&f->x, f->db, f->store, "radpipe.", "/radpipe/dicom-indexer", &cfg, f->metrics,
                  &err) != LC_OK)
         fail_msg("idx_init: %s", lc_err_msg(&err));
@@ -295,8 +298,8 @@ static int teardown(void **state)
 }
 
 /* An instance.stored message for the object under key with the given UIDs. */
-static void make_msg(fx *f, const char *key, const char *study, const char *series,
-                     const char *sop, lc_kafka_msg *m, char **payload)
+static void make_msg(fx *f, const char *key, const char *study, const char *series, const char *sop,
+                     lc_kafka_msg *m, char **payload)
 {
     char sha[65];
     size_t len = 0;
@@ -455,8 +458,8 @@ static int compare(fx *f, const char *rel, const char *sop, const char *dump, co
     struct {
         const char *tag;
         int c;
-    } strs[] = {{"0010,0020", 1}, {"0020,000d", 3}, {"0020,000e", 4},
-                {"0008,0018", 5}, {"0008,0060", 6}};
+    } strs[] = {
+        {"0010,0020", 1}, {"0020,000d", 3}, {"0020,000e", 4}, {"0008,0018", 5}, {"0008,0060", 6}};
     for (size_t k = 0; k < sizeof(strs) / sizeof(*strs); k++) {
         char *want = dump_value(dump, strs[k].tag);
         if (want && *want && strcmp(want, col[strs[k].c]) != 0) {
@@ -468,8 +471,7 @@ static int compare(fx *f, const char *rel, const char *sop, const char *dump, co
     }
     /* StudyDate: the index keeps well-formed dates only */
     char *date = dump_value(dump, "0008,0020");
-    if (date && strlen(date) == 8 && strspn(date, "0123456789") == 8 &&
-        strcmp(date, col[2]) != 0) {
+    if (date && strlen(date) == 8 && strspn(date, "0123456789") == 8 && strcmp(date, col[2]) != 0) {
         printf("MISMATCH %s (StudyDate): dcmdump [%s], index [%s]\n", rel, date, col[2]);
         bad++;
     }
@@ -633,8 +635,9 @@ static void test_corpus(void **state)
     assert_int_equal(lc_db_exec(f->db, counts_sql, 0, NULL, &r, NULL), LC_OK);
     char *before = strdup(PQgetvalue(r, 0, 0));
     PQclear(r);
-    assert_int_equal(count(f, "SELECT count(*) FROM studies s WHERE num_instances <>"
-                              " (SELECT count(*) FROM instances i WHERE i.study_uid = s.study_uid)"),
+    assert_int_equal(count(f,
+                           "SELECT count(*) FROM studies s WHERE num_instances <>"
+                           " (SELECT count(*) FROM instances i WHERE i.study_uid = s.study_uid)"),
                      0);
     /* the last file of each SOP Instance UID is what the index holds: send those again, in
      * batches of 50 as Kafka would redeliver them (new event ids, same bytes) */

@@ -96,8 +96,9 @@ static void test_syntax_errors(void **state)
 {
     (void)state;
     static const char *const bad[] = {
-        "{PatientID",         "PatientID}",       "{}",     "{Patient ID}", "{PatientID[1]}",
-        "{PatientIDPath[x]}", "{PatientIDPath[]}", "{NotAKeyword}", "{Path[0]}",
+        "{PatientID",        "PatientID}",     "{}",
+        "{Patient ID}",      "{PatientID[1]}", "{PatientIDPath[x]}",
+        "{PatientIDPath[]}", "{NotAKeyword}",  "{Path[0]}",
     };
     for (size_t i = 0; i < sizeof(bad) / sizeof(bad[0]); i++) {
         char *out = NULL;
@@ -119,8 +120,9 @@ static void test_value_and_bucket_rules(void **state)
 {
     (void)state;
     static const char *const vals[][2] = {
-        {"abc", "abc"},           {"  a  b  ", "a_b"},  {"...", ""},        {"a/b\\c", "a_b_c"},
-        {"ÀÉÎÕÜ ßæ", "AEIOU_ssae"}, {"x\x01y", "x_y"}, {"é\xff\xfe", "e"},   {"-lead", "-lead"},
+        {"abc", "abc"},      {"  a  b  ", "a_b"},        {"...", ""},
+        {"a/b\\c", "a_b_c"}, {"ÀÉÎÕÜ ßæ", "AEIOU_ssae"}, {"x\x01y", "x_y"},
+        {"é\xff\xfe", "e"},  {"-lead", "-lead"},
     };
     for (size_t i = 0; i < sizeof(vals) / sizeof(vals[0]); i++) {
         char out[80];
@@ -176,8 +178,7 @@ static void test_split(void **state)
     char *url = NULL, *prefix = NULL;
     lc_err e = {0};
     assert_int_equal(upl_pattern_split("a/../b", "file://x", &url, &prefix, &e), LC_ERR_INVALID);
-    assert_int_equal(upl_pattern_split("ftp://x/y", "file://x", &url, &prefix, &e),
-                     LC_ERR_INVALID);
+    assert_int_equal(upl_pattern_split("ftp://x/y", "file://x", &url, &prefix, &e), LC_ERR_INVALID);
 }
 
 static void test_tar_framing(void **state)
@@ -186,7 +187,10 @@ static void test_tar_framing(void **state)
     unsigned char h[512];
     lc_err e = {0};
     assert_int_equal(upl_tar_header("1.2.3/4.5.6.dcm", 1000, h, &e), LC_OK);
-    assert_memory_equal(h + 257, "ustar\0" "00", 8);
+    assert_memory_equal(h + 257,
+                        "ustar\0"
+                        "00",
+                        8);
     assert_string_equal((char *)h, "1.2.3/4.5.6.dcm");
     assert_string_equal((char *)h + 124, "00000001750"); /* 1000 in octal */
     unsigned sum = 0;

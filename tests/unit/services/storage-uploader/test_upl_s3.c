@@ -77,8 +77,9 @@ static void synthetic_study(fx *f, const char *study, int nseries, int per, size
     lc_err e = {0};
     char *buf = malloc(size);
     const char *p1[1] = {study};
-    sql(f, "INSERT INTO studies (study_uid, patient_id, modalities) VALUES ($1, 'SYN', "
-           "'{CT}')",
+    sql(f,
+        "INSERT INTO studies (study_uid, patient_id, modalities) VALUES ($1, 'SYN', "
+        "'{CT}')",
         1, p1);
     for (int s = 0; s < nseries; s++) {
         char series[65];
@@ -232,13 +233,15 @@ static void test_instance_layout_with_pattern(void **state)
     cJSON *res = NULL;
     index_series(f);
     const char *p[1] = {f->study};
-    sql(f, "UPDATE studies SET patient_id = 'P^7 x', study_description = 'Head^Routine' "
-           "WHERE study_uid = $1",
+    sql(f,
+        "UPDATE studies SET patient_id = 'P^7 x', study_description = 'Head^Routine' "
+        "WHERE study_uid = $1",
         1, p);
     /* a keyword the index has no column for comes from the instance's DICOM JSON */
-    sql(f, "INSERT INTO instance_metadata (sop_uid, json) SELECT sop_uid, "
-           "'{\"00180081\": {\"vr\": \"DS\", \"Value\": [4.5]}}' FROM instances "
-           "WHERE study_uid = $1",
+    sql(f,
+        "INSERT INTO instance_metadata (sop_uid, json) SELECT sop_uid, "
+        "'{\"00180081\": {\"vr\": \"DS\", \"Value\": [4.5]}}' FROM instances "
+        "WHERE study_uid = $1",
         1, p);
     const char *params = "{\"url_pattern\": \"s3://arch-{Modality}/{PatientID:-anon}/"
                          "{StudyDescriptionPath[1]}/TE{EchoTime}/{AccessionNumber:-noacc}\"}";
@@ -258,8 +261,11 @@ static void test_instance_layout_with_pattern(void **state)
     assert_int_equal(ts_s3_aws(&f->s3, "s3 ls --recursive s3://arch-mr/", &out), 0);
     char *tmp = ts_tmpdir("upls3dl");
     PGresult *r = NULL;
-    assert_int_equal(lc_db_exec(f->db, "SELECT sop_uid, series_uid, sha256 FROM instances "
-                                       "WHERE study_uid = $1", 1, p, &r, &e), LC_OK);
+    assert_int_equal(lc_db_exec(f->db,
+                                "SELECT sop_uid, series_uid, sha256 FROM instances "
+                                "WHERE study_uid = $1",
+                                1, p, &r, &e),
+                     LC_OK);
     for (int i = 0; i < PQntuples(r); i++) {
         char *path = xfmt("arch-mr/P_7_x/Routine/TE4.5/noacc/%s/%s.dcm", PQgetvalue(r, i, 1),
                           PQgetvalue(r, i, 0));
@@ -338,9 +344,9 @@ static int check_tar(fx *f, const char *path, int want_members)
         sop[strlen(sop) - 4] = '\0'; /* ".dcm" */
         const char *p[1] = {sop};
         PGresult *r = NULL;
-        assert_int_equal(lc_db_exec(f->db, "SELECT sha256 FROM instances WHERE sop_uid = $1", 1,
-                                    p, &r, &e),
-                         LC_OK);
+        assert_int_equal(
+            lc_db_exec(f->db, "SELECT sha256 FROM instances WHERE sop_uid = $1", 1, p, &r, &e),
+            LC_OK);
         assert_int_equal(PQntuples(r), 1);
         assert_string_equal(hex, PQgetvalue(r, 0, 0));
         PQclear(r);
@@ -362,8 +368,9 @@ static void test_tar_layouts(void **state)
     char *tmp = ts_tmpdir("upls3tar");
 
     /* one tar per series */
-    assert_int_equal(run(f, "{\"layout\": \"series-tar\", \"url_pattern\": \"s3://tars/s/"
-                            "{PatientID}\"}",
+    assert_int_equal(run(f,
+                         "{\"layout\": \"series-tar\", \"url_pattern\": \"s3://tars/s/"
+                         "{PatientID}\"}",
                          &res, &e),
                      LC_OK);
     assert_int_equal(cJSON_GetObjectItem(res, "objects")->valueint, 2);
@@ -383,9 +390,8 @@ static void test_tar_layouts(void **state)
     }
 
     /* one tar for the study, members under their series */
-    assert_int_equal(run(f, "{\"layout\": \"study-tar\", \"url_pattern\": \"s3://tars/t\"}", &res,
-                         &e),
-                     LC_OK);
+    assert_int_equal(
+        run(f, "{\"layout\": \"study-tar\", \"url_pattern\": \"s3://tars/t\"}", &res, &e), LC_OK);
     assert_int_equal(cJSON_GetObjectItem(res, "objects")->valueint, 1);
     cJSON_Delete(res);
     char *k = xfmt("tars/t/%s.tar", f->study);
@@ -409,9 +415,8 @@ static void test_tar_layouts(void **state)
     free(k);
 
     /* again: skipped, and the manifest still has the tar's sha256 */
-    assert_int_equal(run(f, "{\"layout\": \"study-tar\", \"url_pattern\": \"s3://tars/t\"}", &res,
-                         &e),
-                     LC_OK);
+    assert_int_equal(
+        run(f, "{\"layout\": \"study-tar\", \"url_pattern\": \"s3://tars/t\"}", &res, &e), LC_OK);
     assert_int_equal(cJSON_GetObjectItem(res, "skipped")->valueint, 1);
     cJSON_Delete(res);
 
@@ -474,9 +479,9 @@ static void test_300mib_study_multipart(void **state)
     lc_strlcpy(f->study, "1.2.826.0.1.3680043.9.7777.300", sizeof(f->study));
     synthetic_study(f, f->study, 3, 10, 10 << 20); /* 30 x 10 MiB */
     /* the archive was opened with 5M parts: use a fresh destination with 8M parts */
-    assert_int_equal(run(f, "{\"layout\": \"study-tar\", \"url_pattern\": \"s3://archive/big\"}",
-                         &res, &e),
-                     LC_OK);
+    assert_int_equal(
+        run(f, "{\"layout\": \"study-tar\", \"url_pattern\": \"s3://archive/big\"}", &res, &e),
+        LC_OK);
     double bytes = cJSON_GetObjectItem(res, "bytes")->valuedouble;
     assert_true(bytes >= 300.0 * (1 << 20));
     cJSON_Delete(res);
@@ -546,8 +551,8 @@ static void *stop_after_parts(void *arg)
 {
     stopper *s = arg;
     for (int i = 0; i < 600; i++) {
-        if (ts_s3_log_count(&s->f->s3, (const char *const[]){"partNumber=", "\"status\":200", NULL}) >=
-            s->n) {
+        if (ts_s3_log_count(&s->f->s3,
+                            (const char *const[]){"partNumber=", "\"status\":200", NULL}) >= s->n) {
             atomic_store(&s->f->svc.stop, 1);
             break;
         }
@@ -572,9 +577,9 @@ static void test_stop_then_resume(void **state)
 
     /* the upload and its acknowledged parts are recorded; the upload is still open */
     PGresult *r = NULL;
-    assert_int_equal(lc_db_exec(f->db, "SELECT part_number FROM upload_parts ORDER BY 1", 0, NULL,
-                                &r, &e),
-                     LC_OK);
+    assert_int_equal(
+        lc_db_exec(f->db, "SELECT part_number FROM upload_parts ORDER BY 1", 0, NULL, &r, &e),
+        LC_OK);
     int recorded = PQntuples(r);
     assert_true(recorded >= 3);
     int nums[16];
@@ -627,9 +632,9 @@ static void test_resume_of_vanished_upload_starts_over(void **state)
 
     /* the store drops the upload behind the uploader's back (a lifecycle rule, an operator) */
     PGresult *r = NULL;
-    assert_int_equal(lc_db_exec(f->db, "SELECT object_key, upload_id FROM upload_multipart", 0,
-                                NULL, &r, &e),
-                     LC_OK);
+    assert_int_equal(
+        lc_db_exec(f->db, "SELECT object_key, upload_id FROM upload_multipart", 0, NULL, &r, &e),
+        LC_OK);
     assert_int_equal(PQntuples(r), 1);
     assert_int_equal(lc_store_mpu_abort(f->u.archive, PQgetvalue(r, 0, 0), PQgetvalue(r, 0, 1), &e),
                      LC_OK);
@@ -658,8 +663,8 @@ static void test_permanent_failure_aborts_upload(void **state)
     lc_strlcpy(f->study, "1.2.826.0.1.3680043.9.7777.4", sizeof(f->study));
     synthetic_study(f, f->study, 1, 6, 4 << 20);
     /* the last instance's bytes changed after indexing: found only at the end of the tar */
-    char *path = xfmt("%s/objects/instances/%s/%s.1/%s.1.6.dcm", f->dir, f->study, f->study,
-                      f->study);
+    char *path =
+        xfmt("%s/objects/instances/%s/%s.1/%s.1.6.dcm", f->dir, f->study, f->study, f->study);
     FILE *fp = fopen(path, "r+b");
     assert_non_null(fp);
     fputc('X', fp);
