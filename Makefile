@@ -92,9 +92,36 @@ $(LIBCOMMON): $(LC_OBJ)
 	@mkdir -p $(@D)
 	rm -f $@ && ar rcs $@ $^
 
-# --- libgpu.a: gpu/ (runtime choice), gpu/ref (CPU), gpu/cuda (when nvcc is found) -------
+# --- gpu/nn: the inference engine. ONNX through protobuf-c's code generated from Debian
+# libonnx-dev's onnx.proto into $(BUILD)/gen/onnx; OpenBLAS (pthread build) on the CPU; cuDNN
+# is opened at run time by gpu/cuda/nn_cudnn.cu (dlopen), so nothing links it. The libraries
+# are linked --as-needed: only binaries that call gpu_nn_* depend on them. ------------------
+ONNX_PROTO ?= /usr/include/onnx/onnx.proto
+NN_GEN_C := $(BUILD)/gen/onnx/onnx.pb-c.c
+NN_GEN_H := $(BUILD)/gen/onnx/onnx.pb-c.h
+NN_SRC := $(wildcard gpu/nn/*.c)
+NN_OBJ := $(call obj,$(NN_SRC)) $(BUILD)/obj/gen/onnx/onnx.pb-c.o
+NN_CFLAGS := $(shell pkg-config --cflags openblas libprotobuf-c 2>/dev/null)
+NN_LIBS := -Wl,--push-state,--as-needed \
+           $(or $(shell pkg-config --libs openblas libprotobuf-c 2>/dev/null),-lopenblas -lprotobuf-c) \
+           -Wl,--pop-state
+
+$(NN_GEN_C): $(ONNX_PROTO)
+	@mkdir -p $(@D)
+	protoc-c --proto_path=$(abspath $(dir $(ONNX_PROTO))..) --c_out=$(BUILD)/gen onnx/$(notdir $<)
+$(NN_GEN_H): $(NN_GEN_C) ;
+
+$(BUILD)/obj/gen/onnx/onnx.pb-c.o: $(NN_GEN_C)
+	@mkdir -p $(@D)
+	$(CC) $(CFLAGS) $(NN_CFLAGS) -c -o $@ $<
+
+$(NN_OBJ): CFLAGS += $(NN_CFLAGS)
+$(NN_OBJ): | $(NN_GEN_H)
+lint: $(NN_GEN_H)
+
+# --- libgpu.a: gpu/ (runtime choice), gpu/ref (CPU), gpu/nn, gpu/cuda (when nvcc is found) -
 GPU_SRC := $(wildcard gpu/*.c gpu/ref/*.c)
-GPU_OBJ := $(call obj,$(GPU_SRC)) $(patsubst %.cu,$(BUILD)/obj/%.cu.o,$(GPU_CU))
+GPU_OBJ := $(call obj,$(GPU_SRC)) $(NN_OBJ) $(patsubst %.cu,$(BUILD)/obj/%.cu.o,$(GPU_CU))
 LIBGPU := $(BUILD)/lib/libgpu.a
 
 $(LIBGPU): $(GPU_OBJ)
@@ -118,7 +145,7 @@ $(LC_OBJ) $(GPU_OBJ): | $(BUILD)/gen/lc_migrations.c
 
 # --- services ----------------------------------------------------------------------------
 SERVICES := api-gateway dicom-indexer storage-uploader gpu-segmenter radpipe-notify
-LINK_LIBS := $(LIBGPU) $(LIBCOMMON) $(LIBS) $(CUDA_LIBS)
+LINK_LIBS := $(LIBGPU) $(LIBCOMMON) $(LIBS) $(NN_LIBS) $(CUDA_LIBS)
 
 define service_rule
 SVC_OBJ_$(1) := $$(call obj,$$(wildcard services/$(1)/*.c))
@@ -195,6 +222,27 @@ $(BUILD)/bench/bench_upload: $(BUILD)/obj/tests/bench/bench_upload.o \
 # helpers of the stack benchmarks (bench_ingest.sh, bench_dicomweb.sh): the generic rule above
 BENCH_BINS += $(BUILD)/bench/gen_ct $(BUILD)/bench/ingest_feed $(BUILD)/bench/post_load
 
+# --- gpu-segmenter model jobs and the test models (services/gpu-segmenter/README.md) -------
+# seg_nn_config.h says whether libgpu holds the inference engine (gpu/gpu_nn.h, objects under
+# gpu/nn/); it is rewritten only when that changes, so the segmenter, its tests and bench_nn
+# are rebuilt exactly then. Without the engine, model jobs fail with "not built".
+SEG_NN = $(if $(filter $(BUILD)/obj/gpu/nn/%,$(GPU_OBJ)),1,0)
+SEG_NN_H := $(BUILD)/gen/seg_nn_config.h
+$(SEG_NN_H): seg-nn-force
+	@mkdir -p $(@D)
+	@v='#define SEG_HAVE_NN $(SEG_NN)'; [ "$$(cat $@ 2>/dev/null)" = "$$v" ] || echo "$$v" >$@
+$(SVC_OBJ_gpu-segmenter) $(BUILD)/obj/tests/bench/bench_nn.o \
+		$(patsubst %.c,$(BUILD)/obj/%.o,$(wildcard tests/unit/services/gpu-segmenter/*.c)): \
+		$(SEG_NN_H)
+# bench_nn: the engine's CPU forward pass against PyTorch (tests/bench/bench_nn.sh)
+$(BUILD)/obj/tests/bench/bench_nn.o: CFLAGS += -Iservices/gpu-segmenter
+# tests/data/models: made by tests/models/gen_models.py (PyTorch, ONNX), committed; not run by
+# `make test`
+models:
+	@sh deploy/install-deps.sh models
+	/usr/bin/python3 tests/models/gen_models.py
+.PHONY: models seg-nn-force
+
 # --- fuzz targets (clang, libFuzzer): tests/fuzz/fuzz_<name>.c, seeds in tests/fuzz/<name>/ -
 FUZZ_SRC := $(wildcard tests/fuzz/fuzz_*.c)
 FUZZ_BINS := $(patsubst tests/fuzz/%.c,build/fuzz/fuzz/%,$(FUZZ_SRC))
@@ -204,6 +252,14 @@ build/fuzz/fuzz/%: tests/fuzz/%.c build/fuzz/lib/libcommon.a
 	@mkdir -p $(@D)
 	$(CC) $(CFLAGS) -c -o $@.o $<
 	$(CXX) $(LDFLAGS) -fsanitize=fuzzer -o $@ $@.o build/fuzz/lib/libcommon.a $(LIBS)
+
+# the ONNX loader's target runs gpu_nn_load on a CPU context: it links libgpu.a (no CUDA in
+# MODE=fuzz) and the engine's libraries
+build/fuzz/fuzz/fuzz_onnx: tests/fuzz/fuzz_onnx.c build/fuzz/lib/libgpu.a build/fuzz/lib/libcommon.a
+	@mkdir -p $(@D)
+	$(CC) $(CFLAGS) -c -o $@.o $<
+	$(CXX) $(LDFLAGS) -fsanitize=fuzzer -o $@ $@.o build/fuzz/lib/libgpu.a \
+		build/fuzz/lib/libcommon.a $(LIBS) $(NN_LIBS)
 
 .PHONY: all deps deps-bench tests test run bench fuzz fuzz-bins lint format clean
 all: $(LIBCOMMON) $(LIBGPU) $(SERVICE_BINS) $(TOOL_BINS) $(TLS_SHIMS)

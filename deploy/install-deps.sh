@@ -5,6 +5,7 @@
 # Safe to run repeatedly: when everything is present it does nothing and returns quickly.
 #   deploy/install-deps.sh          build, test and run
 #   deploy/install-deps.sh bench    also the peers `make bench` measures against
+#   deploy/install-deps.sh models   also what tests/models/gen_models.py needs (`make models`)
 set -eu
 
 here=$(cd "$(dirname "$0")/.." && pwd)
@@ -12,11 +13,14 @@ here=$(cd "$(dirname "$0")/.." && pwd)
 base="build-essential pkg-config libcivetweb-dev librdkafka-dev libpq-dev libcjson-dev
 libgdcm-dev libgdcm-tools libcurl4-openssl-dev libssl-dev libnifti2-dev zlib1g-dev libpng-dev
 libcmocka-dev libexpat1-dev libarchive-dev postgresql kcat dcmtk dcm2niix dicom3tools awscli docker-compose clang libclang-rt-14-dev
-clang-tidy cppcheck procps curl ca-certificates python3-skimage python3-numpy python3-scipy python3-yaml"
+clang-tidy cppcheck procps curl ca-certificates python3-skimage python3-numpy python3-scipy python3-yaml
+libprotobuf-c-dev protobuf-c-compiler libonnx-dev libopenblas-dev"
 bench="orthanc orthanc-dicomweb python3-pydicom wrk hyperfine"
+models="python3-torch python3-onnx"
 
 want=$base
-[ "${1:-}" = bench ] && want="$base $bench"
+[ "${1:-}" = bench ] && want="$base $bench $models"
+[ "${1:-}" = models ] && want="$base $models"
 
 missing=""
 for p in $want; do
