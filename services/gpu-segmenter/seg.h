@@ -2,8 +2,9 @@
  * seg.h: gpu-segmenter internals. Geometry checks and slice order (seg_geom.c), volume
  * assembly from the index and the store (seg_volume.c), job parameters (seg_params.c), the
  * algorithms on the gpu/ API (seg_algo.c), the outputs (seg_nifti.c, seg_dcmseg.c,
- * seg_png.c, seg_stow.c) and the job itself (seg_job.c). A seg_ctx is built by main() and used
- * by the worker thread only; it owns the one gpu_ctx of the process.
+ * seg_png.c, seg_stow.c), the model registry (seg_model.c), model inference (seg_infer.c) and
+ * the job itself (seg_job.c). A seg_ctx is built by main() and used by the worker thread only;
+ * it owns the one gpu_ctx of the process and the models resident on it.
  */
 #ifndef SEG_H
 #define SEG_H
@@ -22,16 +23,105 @@ typedef struct seg_cfg {
     char *stow_url;             /* "" = no STOW-RS */
     char *stow_token;           /* bearer token for stow_url, "" = none (secret) */
     long long max_voxels;       /* largest series volume accepted */
+    char *models_dir;           /* RADPIPE_MODELS_DIR: <name>/{model.onnx,model.json}; "" or
+                                 * NULL = no models */
 } seg_cfg;
 
 extern const lc_cfg_var seg_cfg_vars[];
 extern const size_t seg_cfg_nvars;
+
+/* ---- models (seg_model.c): model.json, proto/models/model.schema.json in C, and the
+ * registry of models loaded once at start and resident on the gpu_ctx ---------------------- */
+
+typedef enum seg_norm {
+    SEG_NORM_CT = 1, /* clip to the dataset's percentiles, z-score with its mean and std */
+    SEG_NORM_ZSCORE, /* the volume's own mean and std */
+} seg_norm;
+
+typedef struct seg_code {
+    char code[17], scheme[4], meaning[65];
+} seg_code;
+
+typedef struct seg_model_label {
+    int value; /* 1..nlabels: the network's output channel */
+    char name[65];
+    seg_code category, type;
+    int rgb[3];
+} seg_model_label;
+
+/* What model.json says, checked. Axes here are the volume's: spacing x, y, z; the patch z, y,
+ * x as gpu_nn_window_opts takes it (model.json lists both slowest first). */
+typedef struct seg_model_desc {
+    char name[65], version[33], modality[3];
+    char *description;       /* owned, "" when absent */
+    seg_model_label *labels; /* owned, nlabels entries ordered by value */
+    int nlabels;
+    seg_norm norm;
+    double clip_lo, clip_hi, mean, std; /* SEG_NORM_CT */
+    int dims;                           /* spatial dims of the network: 2 or 3 */
+    double spacing[3];                  /* x, y, z mm; 2-D models: z = 0 (slices kept) */
+    int64_t patch[3];                   /* z, y, x; 2-D models: [0] = 0 */
+    double step;                        /* sliding-window stride, fraction of the patch */
+    int mirror, batch;
+    char onnx_sha256[65]; /* "" when not given */
+} seg_model_desc;
+
+/* Check j (borrowed) with the rules of proto/models/model.schema.json and the ones it cannot
+ * state (label values 1..N once each, percentile_00_5 < percentile_99_5) and fill d.
+ * LC_ERR_INVALID with a message naming the member ("labels[0].type.code must be ...").
+ * Release d with seg_model_desc_release (also after a failure). */
+lc_rc seg_model_desc_parse(const cJSON *j, seg_model_desc *d, lc_err *err);
+void seg_model_desc_release(seg_model_desc *d);
+/* The labels, normalisation, spacing and patch as model.json writes them (caller frees). */
+cJSON *seg_model_desc_labels_json(const seg_model_desc *d);
+
+struct gpu_nn_model;
+
+typedef struct seg_model {
+    seg_model_desc d;
+    char sha256[65];          /* of model.onnx */
+    long long onnx_bytes;
+    struct gpu_nn_model *nn;  /* owned: resident on the context */
+    size_t params;            /* weights after folding, as the engine counts them */
+    double load_seconds;
+    lc_counter *jobs;         /* radpipe_model_jobs_total{model} */
+} seg_model;
+
+typedef struct seg_model_failure {
+    char name[65];  /* the folder */
+    char error[512];
+} seg_model_failure;
+
+typedef struct seg_models {
+    seg_model *v; /* n entries, ordered by name */
+    size_t n;
+    seg_model_failure *bad; /* failed entries: the folders that could not be loaded at start */
+    size_t failed;
+} seg_models;
+
+/* Load every model of dir (borrowed; "" or NULL: none) onto gpu: each sub-folder holding a
+ * model.json or a model.onnx is a model; a bad one (description, file, network, or the two
+ * disagreeing) is logged with its reason and skipped, and the rest load. Metrics (when
+ * metrics is not NULL): radpipe_model_loads_total{model,result}, radpipe_model_load_seconds
+ * {model}, radpipe_models_loaded. Fails only when dir itself cannot be read or memory runs
+ * out. Release with seg_models_release (before gpu_ctx_free). */
+lc_rc seg_models_load(seg_models *ms, gpu_ctx *gpu, const char *dir, lc_metrics *metrics,
+                      lc_err *err);
+/* Upsert one row per resident model into the models table (proto/sql/005_models.sql), in
+ * one transaction; owner names this segmenter (host:pid). */
+lc_rc seg_models_record(const seg_models *ms, lc_db *db, const char *owner, lc_err *err);
+/* The resident model called name, or NULL. Borrowed. */
+seg_model *seg_models_find(const seg_models *ms, const char *name);
+/* Why the model folder called name failed to load at start, or NULL. Borrowed. */
+const char *seg_models_failure(const seg_models *ms, const char *name);
+void seg_models_release(seg_models *ms);
 
 typedef struct seg_ctx {
     lc_service *svc;    /* borrowed */
     const seg_cfg *cfg; /* borrowed */
     gpu_ctx *gpu;       /* owned */
     lc_histogram *seconds;
+    seg_models models; /* owned: resident for the life of the process */
 } seg_ctx;
 
 lc_rc seg_init(seg_ctx *c, lc_service *svc, const seg_cfg *cfg, lc_err *err);
@@ -142,6 +232,7 @@ typedef struct seg_morph_step {
 
 typedef struct seg_params {
     seg_algorithm algorithm;
+    char model[65];      /* "" = an algorithm job; else the model of RADPIPE_MODELS_DIR */
     char series_uid[65]; /* "" = choose */
     int nbins;
     int has_window;
@@ -178,6 +269,29 @@ lc_rc seg_algo_run(gpu_ctx *ctx, const seg_params *p, const float *vol, size_t n
                    size_t nz, const double spacing[3], uint8_t *mask, seg_algo_stats *st,
                    lc_err *err);
 
+/* ---- model inference (seg_infer.c) -------------------------------------------------------- */
+
+typedef struct seg_infer_stats {
+    size_t rdims[3];     /* the grid the network saw: x, y, z at the model's spacing */
+    int resampled;       /* 0 when the series already had the model's spacing */
+    size_t patches;      /* sliding-window patches (each run once, or mirrored) */
+    double seconds;      /* the sliding window alone */
+} seg_infer_stats;
+
+/* Run model m on one nx*ny*nz float volume (host, borrowed, x fastest; HU on CT) of voxel
+ * spacing sp (x, y, z mm): normalised as model.json says (on the host, into a copy), moved
+ * to the backend once, resampled (linear) to the model's spacing, segmented by the sliding
+ * window (gpu_nn_segment), the class map resampled back (nearest) and downloaded into labels
+ * (host, nx*ny*nz bytes: 0 background, else the label value). pr (may be NULL) gets the
+ * patches as steps and stops the window when the job must stop (LC_ERR_CANCELLED). Errors
+ * of the engine come back as they are (LC_ERR_TOO_LARGE over RADPIPE_GPU_MEMORY_LIMIT);
+ * without the engine in the build: LC_ERR_UNSUPPORTED. */
+lc_rc seg_infer_run(gpu_ctx *ctx, seg_model *m, const float *vol, size_t nx, size_t ny,
+                    size_t nz, const double sp[3], seg_progress *pr, uint8_t *labels,
+                    seg_infer_stats *st, lc_err *err);
+/* 1 when this build holds the inference engine (gpu/nn). */
+int seg_infer_available(void);
+
 /* ---- outputs ------------------------------------------------------------------------------ */
 
 /* The NIfTI-1 affine of v as dcm2niix writes it (RAS, rows flipped; MR 3D acquisitions
@@ -188,17 +302,23 @@ typedef struct seg_nifti_geom {
     double sform[4][4];
 } seg_nifti_geom;
 lc_rc seg_nifti_geometry(const seg_volume *v, seg_nifti_geom *g, size_t **map, lc_err *err);
-/* Write mask (nx*ny*nz*nt, volume order) as a gzip'd NIfTI-1 file at path (".nii.gz"). */
-lc_rc seg_nifti_write(const seg_volume *v, const uint8_t *mask, const char *descrip,
-                      const char *path, lc_err *err);
+/* Write mask (nx*ny*nz*nt, volume order) as a gzip'd NIfTI-1 file at path (".nii.gz");
+ * max_label: the largest value (cal_max; 1 for a binary mask, else a label map). */
+lc_rc seg_nifti_write(const seg_volume *v, const uint8_t *mask, int max_label,
+                      const char *descrip, const char *path, lc_err *err);
 
 /* The DICOM SEG of mask (volume order): one segment (label 1). */
 lc_rc seg_dcmseg_build(const seg_volume *v, const uint8_t *mask, const seg_params *p,
                        void **buf, size_t *len, char sop_uid[65], lc_err *err);
+/* The DICOM SEG of a model's label map (volume order, values 0..nlabels): one segment per
+ * model label, coded as model.json says, in label order. */
+lc_rc seg_dcmseg_build_model(const seg_volume *v, const uint8_t *labels, const seg_model *m,
+                             void **buf, size_t *len, char sop_uid[65], lc_err *err);
 
-/* A PNG montage of up to 16 slices of time point 0, the mask outlined; *buf caller frees. */
-lc_rc seg_png_montage(const seg_volume *v, const uint8_t *mask, void **buf, size_t *len,
-                      lc_err *err);
+/* A PNG montage of up to 16 slices of time point 0, each label's outline drawn in
+ * palette[label] (NULL: every label red); *buf caller frees. */
+lc_rc seg_png_montage(const seg_volume *v, const uint8_t *mask, const uint8_t (*palette)[3],
+                      void **buf, size_t *len, lc_err *err);
 
 /* POST one DICOM object to a STOW-RS endpoint (multipart/related; type="application/dicom").
  * token may be NULL or "". 5xx and network errors are LC_ERR_UNAVAILABLE (the job is

@@ -124,8 +124,8 @@ static lc_rc write_gz(const char *path, const void *const *parts, const size_t *
     return LC_OK;
 }
 
-lc_rc seg_nifti_write(const seg_volume *v, const uint8_t *mask, const char *descrip,
-                      const char *path, lc_err *err)
+lc_rc seg_nifti_write(const seg_volume *v, const uint8_t *mask, int max_label,
+                      const char *descrip, const char *path, lc_err *err)
 {
     seg_nifti_geom g;
     size_t *map = NULL;
@@ -181,9 +181,9 @@ lc_rc seg_nifti_write(const seg_volume *v, const uint8_t *mask, const char *desc
     nim->scl_slope = 1;
     nim->scl_inter = 0;
     nim->cal_min = 0;
-    nim->cal_max = 1;
+    nim->cal_max = (float)(max_label > 0 ? max_label : 1);
     snprintf(nim->descrip, sizeof(nim->descrip), "%s", descrip ? descrip : "radpipe mask");
-    snprintf(nim->intent_name, sizeof(nim->intent_name), "mask");
+    snprintf(nim->intent_name, sizeof(nim->intent_name), "%s", max_label > 1 ? "labels" : "mask");
     nim->nifti_type = NIFTI_FTYPE_NIFTI1_1;
 
     struct nifti_1_header hdr = nifti_convert_nim2nhdr(nim);

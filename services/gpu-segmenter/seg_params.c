@@ -1,7 +1,8 @@
 /*
  * seg_params.c: the segment job's parameters, checked with the rules of
  * proto/params/segment.schema.json (kept equal by the shared cases in tests/data/params) plus
- * lower <= upper, which JSON Schema cannot state; then the per-algorithm defaults.
+ * lower <= upper, which JSON Schema cannot state; then the per-algorithm defaults. A job names
+ * either an algorithm or a model (params.model: RADPIPE_MODELS_DIR/<model>), never both.
  * Pure functions; thread-safe.
  */
 #include <math.h>
@@ -121,7 +122,47 @@ static lc_rc parse_morphology(const cJSON *m, seg_params *p, lc_err *err)
 /* Members only some algorithms take. */
 typedef struct seen {
     const cJSON *nbins, *window, *lower, *upper, *morph, *conn, *keep, *minc, *fill;
+    const cJSON *algorithm, *label;
 } seen;
+
+/* A model job takes series_instance_uid and stow besides its model: the rest belongs to the
+ * algorithms (the model's labels name its segments). */
+static lc_rc check_model(const seen *s, lc_err *err)
+{
+    if (s->algorithm)
+        return lc_err_set(err, LC_ERR_INVALID,
+                          "params.algorithm and params.model are exclusive: a job runs an "
+                          "algorithm or a model");
+    const struct {
+        const cJSON *it;
+        const char *name;
+    } algo[] = {{s->nbins, "nbins"},        {s->window, "window"},
+                {s->lower, "lower"},        {s->upper, "upper"},
+                {s->morph, "morphology"},   {s->conn, "connectivity"},
+                {s->keep, "keep_largest"},  {s->minc, "min_component_mm3"},
+                {s->fill, "fill_holes"},    {s->label, "label"}};
+    for (size_t i = 0; i < sizeof(algo) / sizeof(algo[0]); i++)
+        if (algo[i].it)
+            return lc_err_set(err, LC_ERR_INVALID,
+                              "params.%s does not apply to a model job (params.model)",
+                              algo[i].name);
+    return LC_OK;
+}
+
+/* ^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$: a folder name, never "." or ".." or a path */
+static int model_name_ok(const char *s)
+{
+    size_t n = strlen(s);
+    if (n == 0 || n > 64)
+        return 0;
+    for (size_t i = 0; i < n; i++) {
+        char c = s[i];
+        int alnum = (c >= 'A' && c <= 'Z') || (c >= 'a' && c <= 'z') || (c >= '0' && c <= '9');
+        if (!alnum && (i == 0 || !strchr("._-", c)))
+            return 0;
+    }
+    return 1;
+}
 
 static lc_rc check_applicable(const seen *s, seg_algorithm a, lc_err *err)
 {
@@ -188,6 +229,13 @@ lc_rc seg_params_parse(const cJSON *params, seg_params *p, lc_err *err)
                 return lc_err_set(err, LC_ERR_INVALID,
                                   "params.algorithm must be \"otsu\", \"body\" or \"threshold\"");
             p->algorithm = (seg_algorithm)a;
+            s.algorithm = it;
+        } else if (strcmp(k, "model") == 0) {
+            if (!cJSON_IsString(it) || !model_name_ok(it->valuestring))
+                return lc_err_set(err, LC_ERR_INVALID,
+                                  "params.model must be a model name: 1 to 64 letters, digits, "
+                                  "'.', '_' or '-', starting with a letter or digit");
+            snprintf(p->model, sizeof(p->model), "%s", it->valuestring);
         } else if (strcmp(k, "series_instance_uid") == 0) {
             if (!cJSON_IsString(it) || !lc_dicom_uid_valid(it->valuestring))
                 return lc_err_set(err, LC_ERR_INVALID,
@@ -251,10 +299,13 @@ lc_rc seg_params_parse(const cJSON *params, seg_params *p, lc_err *err)
                 return lc_err_set(err, LC_ERR_INVALID,
                                   "params.label must be a string of 1 to 64 characters");
             snprintf(p->label, sizeof(p->label), "%s", it->valuestring);
+            s.label = it;
         } else {
             return lc_err_set(err, LC_ERR_INVALID, "unknown parameter \"%.64s\"", k);
         }
     }
+    if (p->model[0])
+        return check_model(&s, err);
     if ((rc = check_applicable(&s, p->algorithm, err)) != LC_OK)
         return rc;
     if (s.lower && s.upper && p->lower > p->upper)

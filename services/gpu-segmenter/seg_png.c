@@ -2,7 +2,8 @@
  * seg_png.c: the preview for the web UI: up to 16 evenly spaced slices of the first time
  * point in a grid, each fitted into a 256-pixel tile with its physical aspect ratio, gray
  * from a soft-tissue window on CT (level 40, width 400 HU) or the 1st..99th percentile
- * otherwise, the mask's outline drawn in red. 8-bit RGB PNG through libpng into memory.
+ * otherwise, the outline of each label drawn in its colour (red for a binary mask). 8-bit RGB
+ * PNG through libpng into memory.
  * Pure function; thread-safe.
  */
 #include <math.h>
@@ -102,8 +103,8 @@ static int encode(png_bytep *rows, size_t W, size_t H, membuf *out)
     return out->failed ? 1 : 0;
 }
 
-lc_rc seg_png_montage(const seg_volume *v, const uint8_t *mask, void **buf, size_t *len,
-                      lc_err *err)
+lc_rc seg_png_montage(const seg_volume *v, const uint8_t *mask, const uint8_t (*palette)[3],
+                      void **buf, size_t *len, lc_err *err)
 {
     size_t ntiles = v->nz < MAX_TILES ? v->nz : MAX_TILES;
     size_t cols = (size_t)ceil(sqrt((double)ntiles)), rows = (ntiles + cols - 1) / cols;
@@ -140,18 +141,21 @@ lc_rc seg_png_montage(const seg_volume *v, const uint8_t *mask, void **buf, size
         size_t ox = (t % cols) * tw, oy = (t / cols) * th;
         for (size_t y = 0; y < th; y++)
             for (size_t x = 0; x < tw; x++)
-                tm[y * tw + x] = ml[sy[y] * v->nx + sx[x]] != 0;
+                tm[y * tw + x] = ml[sy[y] * v->nx + sx[x]];
         for (size_t y = 0; y < th; y++) {
             for (size_t x = 0; x < tw; x++) {
                 float g = sl[sy[y] * v->nx + sx[x]];
                 float f = isnan(g) ? 0 : (g - lo) / (hi - lo);
                 unsigned char c = (unsigned char)lrintf(255 * (f < 0 ? 0 : f > 1 ? 1 : f));
                 unsigned char *px = img + ((oy + y) * W + ox + x) * 3;
-                int on = tm[y * tw + x];
+                /* a label's border: the tile's edge or a neighbour with another label */
+                const uint8_t on = tm[y * tw + x];
                 int edge = on && (x == 0 || y == 0 || x + 1 == tw || y + 1 == th ||
-                                  !tm[y * tw + x - 1] || !tm[y * tw + x + 1] ||
-                                  !tm[(y - 1) * tw + x] || !tm[(y + 1) * tw + x]);
-                if (edge) {
+                                  tm[y * tw + x - 1] != on || tm[y * tw + x + 1] != on ||
+                                  tm[(y - 1) * tw + x] != on || tm[(y + 1) * tw + x] != on);
+                if (edge && palette) {
+                    memcpy(px, palette[on], 3);
+                } else if (edge) {
                     px[0] = 255;
                     px[1] = 40;
                     px[2] = 40;
