@@ -83,6 +83,13 @@ static lc_rc conf_set(rd_kafka_conf_t *conf, const char *key, const char *val, l
     return LC_OK;
 }
 
+/* How long a fetch that found nothing waits at the broker (a consumer default,
+ * RADPIPE_KAFKA_OPTIONS may override it). A real broker answers as soon as a message arrives,
+ * so this only sets how often an idle consumer asks; the dev broker (librdkafka's mock
+ * cluster) answers an empty fetch only after the whole wait, messages or not, so with
+ * librdkafka's 500 ms every burst would sit up to half a second before a consumer saw it. */
+#define FETCH_WAIT_DEFAULT "fetch.wait.max.ms", "50"
+
 /* Bootstrap, client id, logging, radpipe's tunable defaults (NULL-terminated key, value
  * pairs) and then the operator's extra properties, which may override those defaults.
  * Callers set the properties radpipe's delivery semantics rely on afterwards, so extras
@@ -385,7 +392,7 @@ lc_rc lc_kafka_consumer_new(const lc_kafka_conf *conf, const char *group_id, con
     /* A member that dies is noticed after 10 s (librdkafka's default is 45 s, and the mock
      * broker makes a rejoining member wait out the whole session timeout). */
     static const char *const defaults[] = {"session.timeout.ms", "10000", "heartbeat.interval.ms",
-                                           "3000", NULL};
+                                           "3000", FETCH_WAIT_DEFAULT, NULL};
     if ((rc = conf_new(conf, defaults, &kc, err)) != LC_OK)
         goto out;
     /* Offsets move only through the explicit commit after a successful batch; a new group
@@ -450,7 +457,8 @@ lc_rc lc_kafka_tail_new(const lc_kafka_conf *conf, lc_topic topic, int timeout_m
     *out = NULL;
     if (lc_topic_name(conf ? conf->topic_prefix : NULL, topic, name, sizeof(name)) != LC_OK)
         return lc_err_set(err, LC_ERR_CONFIG, "invalid kafka topic name");
-    if ((rc = conf_new(conf, NULL, &kc, err)) != LC_OK)
+    static const char *const defaults[] = {FETCH_WAIT_DEFAULT, NULL};
+    if ((rc = conf_new(conf, defaults, &kc, err)) != LC_OK)
         goto out;
     /* a group id of its own: never joined (partitions are assigned, not subscribed) and never
      * committed to, so it leaves nothing behind on the brokers */

@@ -6,6 +6,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <cjson/cJSON.h>
 #include <openssl/evp.h>
 #include "lc/kafka.h"
 #include "lc/outbox.h"
@@ -35,6 +36,63 @@ lc_rc lc_outbox_add_event(lc_db *db, const char *prefix, lc_topic t, const lc_ev
         return lc_err_set(err, LC_ERR_NOMEM, "out of memory serialising an event");
     rc = lc_outbox_add(db, topic, ev->subject, json, err);
     free(json);
+    return rc;
+}
+
+static const char insert_many_sql[] =
+    "WITH i AS (INSERT INTO outbox (topic, key, payload)"
+    " SELECT $1, e.value->>0, e.value->>1 FROM jsonb_array_elements($2::jsonb)"
+    " WITH ORDINALITY AS e ORDER BY e.ordinality RETURNING id)"
+    " SELECT pg_notify('radpipe_outbox', '') FROM i LIMIT 1";
+
+/* Append the string s (JSON null for NULL) to the array arr; 0 when out of memory. */
+static int add_str(cJSON *arr, const char *s)
+{
+    cJSON *v = s ? cJSON_CreateString(s) : cJSON_CreateNull();
+    if (v && cJSON_AddItemToArray(arr, v))
+        return 1;
+    cJSON_Delete(v);
+    return 0;
+}
+
+/* The JSON array of [key, payload] of evs (caller frees); NULL when out of memory. */
+static char *event_rows(lc_event *const *evs, size_t n)
+{
+    cJSON *rows = cJSON_CreateArray();
+    int ok = rows != NULL;
+    for (size_t i = 0; ok && i < n; i++) {
+        char *payload = lc_event_to_json(evs[i]);
+        cJSON *row = cJSON_CreateArray();
+        if (!payload || !row || !cJSON_AddItemToArray(rows, row)) {
+            cJSON_Delete(row); /* not in rows */
+            ok = 0;
+        } else {
+            ok = add_str(row, evs[i]->subject) && add_str(row, payload);
+        }
+        free(payload);
+    }
+    char *out = ok ? cJSON_PrintUnformatted(rows) : NULL;
+    cJSON_Delete(rows);
+    return out;
+}
+
+lc_rc lc_outbox_add_events(lc_db *db, const char *prefix, lc_topic t, lc_event *const *evs,
+                           size_t n, lc_err *err)
+{
+    char topic[256];
+    if (n == 0)
+        return LC_OK;
+    lc_rc rc = lc_topic_name(prefix, t, topic, sizeof(topic));
+    if (rc != LC_OK)
+        return lc_err_set(err, rc, "invalid topic for prefix \"%s\"", prefix);
+    char *rows = event_rows(evs, n);
+    if (!rows)
+        return lc_err_set(err, LC_ERR_NOMEM, "out of memory serialising %zu events", n);
+    const char *params[2] = {topic, rows};
+    rc = lc_db_exec(db, insert_many_sql, 2, params, NULL, err);
+    if (rc != LC_OK)
+        lc_err_wrap(err, "could not add %zu events for \"%s\" to the outbox", n, topic);
+    free(rows);
     return rc;
 }
 

@@ -304,9 +304,10 @@ static int open_parent(const fstore *fs, const char *key, int create)
     return open_beneath(fs, dir, O_RDONLY | O_DIRECTORY, 0);
 }
 
-/* fsync fd, close it, rename tmp to leaf in dirfd, fsync dirfd. Closes fd in every case and
- * removes tmp on failure. */
-static int publish(int dirfd, int fd, const char *tmp, const char *leaf)
+/* fsync fd, close it, rename tmp to leaf in dirfd, fsync dirfd (unless dirsync is 0: a later
+ * fsync of dirfd's directory makes the entry durable). Closes fd in every case and removes tmp
+ * on failure. */
+static int publish(int dirfd, int fd, const char *tmp, const char *leaf, int dirsync)
 {
     int r = fsync(fd);
     int saved = errno;
@@ -325,7 +326,7 @@ static int publish(int dirfd, int fd, const char *tmp, const char *leaf)
     }
     /* the object is in place; a failed directory fsync only weakens durability, so report it
      * but the rename stands */
-    return fsync(dirfd);
+    return dirsync ? fsync(dirfd) : 0;
 }
 
 /* Open an existing object for reading (O_RDONLY) or inspection (O_PATH); fails with ENOENT
@@ -438,7 +439,7 @@ static lc_rc file_put_buf(lc_store *s, const char *key, const void *buf, size_t 
         unlinkat(dirfd, tmp, 0);
         goto out;
     }
-    if (publish(dirfd, fd, tmp, leaf_of(key)) != 0)
+    if (publish(dirfd, fd, tmp, leaf_of(key), 1) != 0)
         rc = sys_fail(err, errno, "write", key, 1);
 out:
     close(dirfd);
@@ -446,7 +447,7 @@ out:
 }
 
 /* Copy from the open source fd into a temporary file, then publish it. */
-static lc_rc put_copy(int dirfd, const char *key, int src, lc_err *err)
+static lc_rc put_copy(int dirfd, const char *key, int src, int dirsync, lc_err *err)
 {
     char tmp[TMP_NAME_LEN + 1];
     int fd = tmp_create(dirfd, tmp);
@@ -458,7 +459,7 @@ static lc_rc put_copy(int dirfd, const char *key, int src, lc_err *err)
         unlinkat(dirfd, tmp, 0);
         return rc;
     }
-    if (publish(dirfd, fd, tmp, leaf_of(key)) != 0)
+    if (publish(dirfd, fd, tmp, leaf_of(key), dirsync) != 0)
         return sys_fail(err, errno, "write", key, 1);
     return LC_OK;
 }
@@ -473,6 +474,7 @@ static lc_rc file_put_file(lc_store *s, const char *key, const char *src_path, u
     if (is_tmp_name(leaf_of(key)))
         return reserved_key(err, key);
     int move = (flags & LC_STORE_MOVE) != 0;
+    const int dirsync = (flags & LC_STORE_DEFER_DIRSYNC) == 0;
     /* a moved symlink would be stored as a link: only move plain files */
     int src = open(src_path, O_RDONLY | O_CLOEXEC | (move ? O_NOFOLLOW : 0));
     if (src < 0 && move && errno == ELOOP) {
@@ -494,12 +496,12 @@ static lc_rc file_put_file(lc_store *s, const char *key, const char *src_path, u
     }
     /* another hard link would let the stored object change: copy such files */
     if (move && st.st_nlink == 1) {
-        if (fsync(src) != 0) {
+        if (!(flags & LC_STORE_SRC_SYNCED) && fsync(src) != 0) {
             rc = lc_err_set(err, LC_ERR_IO, "could not sync \"%s\": %s", src_path, strerror(errno));
             goto out;
         }
         if (renameat(AT_FDCWD, src_path, dirfd, leaf_of(key)) == 0) {
-            if (fsync(dirfd) != 0)
+            if (dirsync && fsync(dirfd) != 0)
                 rc = sys_fail(err, errno, "write", key, 1);
             goto out;
         }
@@ -508,7 +510,7 @@ static lc_rc file_put_file(lc_store *s, const char *key, const char *src_path, u
             goto out;
         }
     }
-    rc = put_copy(dirfd, key, src, err);
+    rc = put_copy(dirfd, key, src, dirsync, err);
     if (rc == LC_OK && move && unlink(src_path) != 0 && errno != ENOENT)
         rc = lc_err_set(err, LC_ERR_IO, "stored object \"%s\" but could not remove \"%s\": %s", key,
                         src_path, strerror(errno));
@@ -562,7 +564,7 @@ static lc_rc file_get_file(lc_store *s, const char *key, const char *dst_path, l
         unlinkat(dfd, tmp, 0);
         goto out;
     }
-    if (publish(dfd, tfd, tmp, base) != 0)
+    if (publish(dfd, tfd, tmp, base, 1) != 0)
         rc = lc_err_set(err, LC_ERR_IO, "could not write \"%s\": %s", dst_path, strerror(errno));
 out:
     if (dfd >= 0)
@@ -828,7 +830,7 @@ static lc_rc fwriter_commit(lc_store_writer *base, lc_err *err)
     }
     int fd = w->fd;
     w->fd = -1; /* publish closes it and removes the temporary file on failure */
-    if (publish(w->dirfd, fd, w->tmp, leaf_of(w->key)) != 0)
+    if (publish(w->dirfd, fd, w->tmp, leaf_of(w->key), 1) != 0)
         rc = sys_fail(err, errno, "write", w->key, 1);
     fwriter_free(w);
     return rc;

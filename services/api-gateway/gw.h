@@ -310,6 +310,7 @@ typedef struct gw_ingest_item {
     int failure;         /* PS3.18 Failure Reason when refused (0: accepted) */
     char error[300];     /* why, when refused */
     char key[512];       /* object key once stored */
+    struct gw_ingest_sync *sync; /* the spool file's fsync, queued or done (NULL: none yet) */
 } gw_ingest_item;
 
 /* Parse the header and check the UIDs (and, when study_uid is given, that the instance
@@ -321,10 +322,13 @@ lc_rc gw_ingest_check(gw_req *r, gw_ingest_item *item, const char *study_uid, lc
  * failing dependency's rc; items already moved stay in the store (a retry replaces them). */
 lc_rc gw_ingest_commit(gw_req *r, gw_ingest_item *items, size_t n, const char *source_kind,
                        lc_err *err);
-/* Remove spool files and free headers. */
+/* Wait for queued fsyncs, remove spool files and free headers. */
 void gw_ingest_release(gw_ingest_item *items, size_t n);
 /* The spool file of a new item (mkostemp); returns the fd or -1 (err filled). */
 int gw_ingest_spool_open(gw_req *r, gw_ingest_item *item, lc_err *err);
+/* The spool file of items[i] is complete: queue its fsync, which runs while the request goes
+ * on; fd is consumed (closed once the fsync is done; at most a few per request stay open). */
+lc_rc gw_ingest_spool_close(gw_ingest_item *items, size_t i, int fd, lc_err *err);
 
 /* 1 when the Content-Type's media type (parameters ignored) is type, case-insensitively. */
 int gw_media_type_is(const char *ct, const char *type);

@@ -3,8 +3,14 @@
  * STOW-RS: spooled files are parsed and checked, then moved into the object store under
  * instances/<study>/<series>/<sop>.dcm and announced as radpipe.instance.stored events in one
  * outbox transaction; the dicom-indexer does the indexing. Storing again under the same SOP
- * Instance UID replaces the object, so a client may retry any failure. Per-request state only.
+ * Instance UID replaces the object, so a client may retry any failure. Durability overlaps
+ * the upload: each spool file's fsync is queued (POSIX AIO, on glibc's threads) as soon as the
+ * file is complete and runs while the rest of the body arrives; at commit the files are
+ * renamed into place once their fsyncs are done, and each directory (one per series) is
+ * fsync'd once, after its last rename, all before the outbox commit.
+ * Per-request state only (glibc's AIO threads only run the queued fsyncs).
  */
+#include <aio.h>
 #include <errno.h>
 #include <stdarg.h>
 #include <fcntl.h>
@@ -34,6 +40,60 @@ int gw_ingest_spool_open(gw_req *r, gw_ingest_item *item, lc_err *err)
         item->path[0] = '\0';
     }
     return fd;
+}
+
+/* Spool files of one request whose fsync may be in flight at once (each holds its fd). */
+#define SYNC_INFLIGHT 32
+
+/* The fsync of one spool file: queued to POSIX AIO, or done. */
+struct gw_ingest_sync {
+    struct aiocb cb; /* cb.aio_fildes is the file, open until the fsync is done */
+    int done;
+    int err; /* the fsync's errno, 0 when it succeeded */
+};
+
+/* Queue the fsync of the item's spool file fd (consumed: closed once the fsync is done). */
+static lc_rc sync_start(gw_ingest_item *it, int fd, lc_err *err)
+{
+    struct gw_ingest_sync *s = calloc(1, sizeof(*s));
+    if (!s) {
+        close(fd);
+        return lc_err_set(err, LC_ERR_NOMEM, "out of memory");
+    }
+    s->cb.aio_fildes = fd;
+    s->cb.aio_sigevent.sigev_notify = SIGEV_NONE;
+    if (aio_fsync(O_SYNC, &s->cb) != 0) { /* glibc could not queue it: sync it here */
+        s->err = fsync(fd) == 0 ? 0 : errno;
+        s->done = 1;
+        close(fd);
+    }
+    it->sync = s;
+    return LC_OK;
+}
+
+/* Wait for the item's queued fsync and close its file; 0 or the fsync's errno. */
+static int sync_finish(gw_ingest_item *it)
+{
+    struct gw_ingest_sync *s = it->sync;
+    if (!s->done) {
+        const struct aiocb *one[1] = {&s->cb};
+        while (aio_error(&s->cb) == EINPROGRESS)
+            aio_suspend(one, 1, NULL);
+        s->err = aio_error(&s->cb);
+        if (aio_return(&s->cb) != 0 && s->err == 0)
+            s->err = EIO;
+        close(s->cb.aio_fildes);
+        s->done = 1;
+    }
+    return s->err;
+}
+
+lc_rc gw_ingest_spool_close(gw_ingest_item *items, size_t i, int fd, lc_err *err)
+{
+    /* bound the files held open: the one queued SYNC_INFLIGHT files earlier must be done */
+    if (i >= SYNC_INFLIGHT && items[i - SYNC_INFLIGHT].sync)
+        (void)sync_finish(&items[i - SYNC_INFLIGHT]); /* its result is kept for the commit */
+    return sync_start(&items[i], fd, err);
 }
 
 static lc_rc refuse(gw_ingest_item *item, int reason, lc_rc rc, const char *fmt, ...)
@@ -115,20 +175,87 @@ static lc_rc stored_event(gw_req *r, const gw_ingest_item *it, const char *kind,
                         err);
 }
 
+/* The request's instance.stored events, written to the outbox in one statement. */
 typedef struct outbox_ctx {
     const char *prefix;
-    lc_event **evs;
+    lc_event *const *evs;
     size_t n;
 } outbox_ctx;
 
 static lc_rc outbox_tx(lc_db *db, void *arg, lc_err *err)
 {
     const outbox_ctx *c = arg;
-    for (size_t i = 0; i < c->n; i++) {
-        lc_rc rc = lc_outbox_add_event(db, c->prefix, LC_TOPIC_INSTANCE_STORED, c->evs[i], err);
-        if (rc != LC_OK)
-            return rc;
+    return lc_outbox_add_events(db, c->prefix, LC_TOPIC_INSTANCE_STORED, c->evs, c->n, err);
+}
+
+/* Make the spool files of the accepted items durable: wait for the fsyncs queued while they
+ * were received, and queue (in parallel) those of files spooled another way (one upload).
+ * Concurrent fsyncs share the disk's cache flushes, so many files wait about as long as one.
+ * LC_ERR_IO names the first file that could not be synced. */
+static lc_rc sync_spool(gw_ingest_item *items, size_t n, lc_err *err)
+{
+    size_t *queued = malloc((n ? n : 1) * sizeof(*queued)), nq = 0, head = 0;
+    lc_rc rc = LC_OK;
+    if (!queued)
+        return lc_err_set(err, LC_ERR_NOMEM, "out of memory");
+    for (size_t i = 0; i < n && rc == LC_OK; i++) {
+        if (items[i].failure || !items[i].h || items[i].sync)
+            continue;
+        if (nq - head >= SYNC_INFLIGHT)
+            (void)sync_finish(&items[queued[head++]]);
+        int fd = open(items[i].path, O_RDONLY | O_NOFOLLOW | O_CLOEXEC);
+        if (fd < 0)
+            rc = lc_err_set(err, LC_ERR_IO, "could not open the spool file \"%s\": %s",
+                            items[i].path, strerror(errno));
+        else if ((rc = sync_start(&items[i], fd, err)) == LC_OK)
+            queued[nq++] = i;
     }
+    /* every accepted file is waited for, also after a failure */
+    for (size_t i = 0; i < n; i++) {
+        if (items[i].failure || !items[i].h || !items[i].sync)
+            continue;
+        int e = sync_finish(&items[i]);
+        if (e != 0 && rc == LC_OK)
+            rc = lc_err_set(err, LC_ERR_IO, "could not sync the spool file \"%s\": %s",
+                            items[i].path, strerror(e));
+    }
+    free(queued);
+    return rc;
+}
+
+/* An accepted item's directory in the store (its study and series) and its position. */
+typedef struct dir_ref {
+    const char *study, *series;
+    size_t i;
+} dir_ref;
+
+static int dir_ref_cmp(const void *a, const void *b)
+{
+    const dir_ref *x = a, *y = b;
+    int c = strcmp(x->study, y->study);
+    if (!c)
+        c = strcmp(x->series, y->series);
+    return c ? c : (x->i > y->i) - (x->i < y->i);
+}
+
+/* flags[i] for the put of accepted item i: the last item stored into each directory syncs it
+ * (covering the entries moved there before it), the others defer their directory fsync. */
+static lc_rc put_flags(const gw_ingest_item *items, size_t n, unsigned *flags, lc_err *err)
+{
+    dir_ref *d = malloc((n ? n : 1) * sizeof(*d));
+    size_t m = 0;
+    if (!d)
+        return lc_err_set(err, LC_ERR_NOMEM, "out of memory");
+    for (size_t i = 0; i < n; i++) {
+        flags[i] = LC_STORE_MOVE | LC_STORE_SRC_SYNCED;
+        if (!items[i].failure && items[i].h)
+            d[m++] = (dir_ref){items[i].h->study_instance_uid, items[i].h->series_instance_uid, i};
+    }
+    qsort(d, m, sizeof(*d), dir_ref_cmp);
+    for (size_t j = 0; j + 1 < m; j++)
+        if (strcmp(d[j].study, d[j + 1].study) == 0 && strcmp(d[j].series, d[j + 1].series) == 0)
+            flags[d[j].i] |= LC_STORE_DEFER_DIRSYNC;
+    free(d);
     return LC_OK;
 }
 
@@ -136,12 +263,18 @@ lc_rc gw_ingest_commit(gw_req *r, gw_ingest_item *items, size_t n, const char *k
 {
     char received_at[32];
     lc_event **evs = calloc(n ? n : 1, sizeof(*evs));
+    unsigned *flags = malloc((n ? n : 1) * sizeof(*flags));
     size_t nev = 0;
     lc_db *db = NULL;
     lc_rc rc = LC_OK;
 
-    if (!evs)
-        return lc_err_set(err, LC_ERR_NOMEM, "out of memory");
+    if (!evs || !flags) {
+        rc = lc_err_set(err, LC_ERR_NOMEM, "out of memory");
+        goto out;
+    }
+    if ((rc = put_flags(items, n, flags, err)) != LC_OK ||
+        (rc = sync_spool(items, n, err)) != LC_OK)
+        goto out;
     lc_time_rfc3339(lc_wall_ms(), received_at);
     for (size_t i = 0; i < n; i++) {
         gw_ingest_item *it = &items[i];
@@ -150,8 +283,7 @@ lc_rc gw_ingest_commit(gw_req *r, gw_ingest_item *items, size_t n, const char *k
         const lc_dicom_header *h = it->h;
         snprintf(it->key, sizeof(it->key), "instances/%s/%s/%s.dcm", h->study_instance_uid,
                  h->series_instance_uid, h->sop_instance_uid);
-        if ((rc = lc_store_put_file(r->g->deps.store, it->key, it->path, LC_STORE_MOVE, err)) !=
-            LC_OK)
+        if ((rc = lc_store_put_file(r->g->deps.store, it->key, it->path, flags[i], err)) != LC_OK)
             goto out;
         it->path[0] = '\0'; /* moved */
         if ((rc = stored_event(r, it, kind, received_at, &evs[nev], err)) != LC_OK)
@@ -168,12 +300,18 @@ out:
     for (size_t i = 0; i < nev; i++)
         lc_event_free(evs[i]);
     free(evs);
+    free(flags);
     return rc;
 }
 
 void gw_ingest_release(gw_ingest_item *items, size_t n)
 {
     for (size_t i = 0; items && i < n; i++) {
+        if (items[i].sync) { /* its fsync must be over before its file and aiocb go */
+            (void)sync_finish(&items[i]);
+            free(items[i].sync);
+            items[i].sync = NULL;
+        }
         if (items[i].path[0] && unlink(items[i].path) != 0 && errno != ENOENT)
             lc_log_warn("could not remove a spool file", LC_LS("path", items[i].path),
                         LC_LS("error", strerror(errno)));

@@ -1,10 +1,11 @@
 /*
- * gw_multipart.c: the streaming multipart parser of gw_multipart.h. Bytes are copied into a
- * fixed window; the body state hands out everything that cannot be the start of a delimiter
- * ("\r\n--" boundary) and keeps at most delimiter-length - 1 bytes back, so memory stays
- * constant whatever the part sizes. Strict: header folding, unknown transfer encodings,
- * delimiters followed by anything but "--" or padding + CRLF, and bodies that end before the
- * closing delimiter are errors. One parser per thread; no global state.
+ * gw_multipart.c: the streaming multipart parser of gw_multipart.h. Bytes go through a fixed
+ * window, except inside a part's body: there they are handed out straight from the caller's
+ * buffer (no copy) up to the next delimiter ("\r\n--" boundary), and at most delimiter-length
+ * - 1 bytes are kept back in the window, so memory stays constant whatever the part sizes.
+ * Strict: header folding, unknown transfer encodings, delimiters followed by anything but
+ * "--" or padding + CRLF, and bodies that end before the closing delimiter are errors. One
+ * parser per thread; no global state.
  */
 #include <ctype.h>
 #include <stdarg.h>
@@ -16,6 +17,9 @@
 
 #define WINDOW      (256 * 1024)
 #define MAX_HEADERS 32
+/* Outside a part's body the window takes input in steps of at most this many bytes, so that
+ * the bytes of the body that follows reach the direct path instead of being copied. */
+#define WINDOW_STEP (8 * 1024)
 
 typedef enum mp_state {
     MP_PREAMBLE, /* before the first delimiter */
@@ -319,8 +323,30 @@ static lc_rc parse_headers(gw_mp *p, const char *h, size_t len, lc_err *err)
     return LC_OK;
 }
 
-/* Hand out body bytes, checking them against the part's declared and maximum size. */
-static lc_rc body_out(gw_mp *p, size_t n, lc_err *err)
+/* The first delimiter in [h, h + n) or NULL. Every delimiter starts with CR, which binary
+ * data holds about once in 256 bytes: memchr from CR to CR is several times faster there
+ * than memmem. Where CRs come densely (text, or a body made of them) memmem takes over, so
+ * the worst case stays linear. */
+static const char *find_delim(const gw_mp *p, const char *h, size_t n)
+{
+    const char *const start = h, *const end = h + n;
+    size_t hits = 0;
+    while ((size_t)(end - h) >= p->dlen) {
+        if (++hits > 16 && (size_t)(h - start) < hits * 64)
+            return memmem(h, (size_t)(end - h), p->delim, p->dlen);
+        const char *cr = memchr(h, '\r', (size_t)(end - h) - p->dlen + 1);
+        if (!cr)
+            return NULL;
+        if (memcmp(cr, p->delim, p->dlen) == 0)
+            return cr;
+        h = cr + 1;
+    }
+    return NULL;
+}
+
+/* Hand out n body bytes at data (the window or the caller's buffer), checking them against
+ * the part's declared and maximum size. */
+static lc_rc body_emit(gw_mp *p, const char *data, size_t n, lc_err *err)
 {
     if (n == 0)
         return LC_OK;
@@ -333,10 +359,61 @@ static lc_rc body_out(gw_mp *p, size_t n, lc_err *err)
     if (p->part_bytes > p->lim.max_part_bytes)
         return fail(p, err, LC_ERR_TOO_LARGE, "part %d is over the limit of %lld bytes",
                     p->nparts, p->lim.max_part_bytes);
-    lc_rc rc = p->cb.part_data ? p->cb.part_data(p->ctx, p->buf, n, err) : LC_OK;
+    lc_rc rc = p->cb.part_data ? p->cb.part_data(p->ctx, data, n, err) : LC_OK;
     if (rc != LC_OK)
         return cb_failed(p, rc, err);
-    consume(p, n);
+    return LC_OK;
+}
+
+/* The first n bytes of the window are body: hand them out and drop them. */
+static lc_rc body_out(gw_mp *p, size_t n, lc_err *err)
+{
+    lc_rc rc = body_emit(p, p->buf, n, err);
+    if (rc == LC_OK)
+        consume(p, n);
+    return rc;
+}
+
+/* The direct path, for a part's body while the window holds fewer bytes than a delimiter:
+ * hands out body bytes from the caller's buffer up to the next delimiter (consumed too, the
+ * state moves on) or up to the last delimiter-length - 1 bytes, which go to the window. Leaves
+ * *in and *len untouched when a delimiter starts in the window's bytes (the window path finds
+ * it) or when there are too few bytes to tell. */
+static lc_rc body_direct(gw_mp *p, const char **in, size_t *len, lc_err *err)
+{
+    const size_t keep = p->dlen - 1;
+    if (p->fill > 0) {
+        /* the window's bytes with the next keep bytes: a delimiter starting in the window is
+         * complete in there */
+        char look[2 * sizeof(p->delim)];
+        if (*len < keep)
+            return LC_OK;
+        memcpy(look, p->buf, p->fill);
+        memcpy(look + p->fill, *in, keep);
+        const char *hit = memmem(look, p->fill + keep, p->delim, p->dlen);
+        if (hit && (size_t)(hit - look) < p->fill)
+            return LC_OK;
+        lc_rc rc = body_out(p, p->fill, err);
+        if (rc != LC_OK)
+            return rc;
+    }
+    const char *hit = find_delim(p, *in, *len);
+    size_t n = hit ? (size_t)(hit - *in) : (*len > keep ? *len - keep : 0);
+    lc_rc rc = body_emit(p, *in, n, err);
+    if (rc != LC_OK)
+        return rc;
+    *in += n;
+    *len -= n;
+    if (hit) {
+        *in += p->dlen;
+        *len -= p->dlen;
+        p->state = MP_DELIM;
+    } else {
+        memcpy(p->buf, *in, *len);
+        p->fill = *len;
+        *in += *len;
+        *len = 0;
+    }
     return LC_OK;
 }
 
@@ -450,7 +527,7 @@ static lc_rc process(gw_mp *p, lc_err *err)
             continue;
         }
         case MP_BODY: {
-            char *hit = memmem(p->buf, p->fill, p->delim, p->dlen);
+            const char *hit = find_delim(p, p->buf, p->fill);
             if (hit) {
                 lc_rc rc = body_out(p, (size_t)(hit - p->buf), err);
                 if (rc != LC_OK)
@@ -481,8 +558,18 @@ lc_rc gw_mp_feed(gw_mp *p, const void *data, size_t len, lc_err *err)
     if (p->state == MP_ERROR)
         return lc_err_set(err, p->error_rc, "%s", p->error_msg);
     while (len > 0) {
+        if (p->state == MP_BODY && p->fill < p->dlen) {
+            size_t before = len;
+            lc_rc rc = body_direct(p, &in, &len, err);
+            if (rc != LC_OK)
+                return rc;
+            if (len < before)
+                continue;
+        }
         size_t room = sizeof(p->buf) - p->fill;
         size_t n = len < room ? len : room;
+        if (n > WINDOW_STEP)
+            n = WINDOW_STEP;
         memcpy(p->buf + p->fill, in, n);
         p->fill += n;
         in += n;

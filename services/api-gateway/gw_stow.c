@@ -85,9 +85,9 @@ static lc_rc part_end(void *arg, const gw_mp_part *part, lc_err *err)
     (void)part;
     int fd = c->fd;
     c->fd = -1;
-    if (close(fd) != 0)
-        return lc_err_set(err, LC_ERR_IO, "could not write the spool file \"%s\": %s", it->path,
-                          strerror(errno));
+    lc_rc rc = gw_ingest_spool_close(c->items, (size_t)c->n - 1, fd, err);
+    if (rc != LC_OK)
+        return rc;
     lc_sha256_final_hex(c->h, it->sha256);
     lc_sha256_free(c->h);
     c->h = NULL;

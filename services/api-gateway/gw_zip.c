@@ -123,9 +123,10 @@ static lc_rc extract(zip_state *z, struct archive *a, struct archive_entry *e, l
             break;
         lc_sha256_update(h, z->buf, (size_t)got);
     }
-    if (close(fd) != 0 && rc == LC_OK)
-        rc = lc_err_set(err, LC_ERR_IO, "could not write the spool file \"%s\": %s", it->path,
-                        strerror(errno));
+    if (rc != LC_OK)
+        close(fd);
+    else
+        rc = gw_ingest_spool_close(z->items, (size_t)z->n - 1, fd, err);
     lc_sha256_final_hex(h, it->sha256);
     lc_sha256_free(h);
     return rc;

@@ -21,6 +21,10 @@ lc_rc lc_outbox_add(lc_db *db, const char *topic, const char *key, const char *p
 /* Serialise ev and add it to topic prefix+base(t) with key ev->subject. */
 lc_rc lc_outbox_add_event(lc_db *db, const char *prefix, lc_topic t, const lc_event *ev,
                           lc_err *err);
+/* lc_outbox_add_event for n events (borrowed) in one statement: the same rows, in the order
+ * of evs (so their ids, and the relay's publishing order, follow it), one round trip. */
+lc_rc lc_outbox_add_events(lc_db *db, const char *prefix, lc_topic t, lc_event *const *evs,
+                           size_t n, lc_err *err);
 
 /* Add a radpipe.dlq event for a message that cannot be processed: records the source topic,
  * partition, offset, key, payload (as text, or base64 when it is not valid UTF-8), the

@@ -35,6 +35,15 @@ enum {
     /* put_file may rename src into place (same file system; a copy otherwise): after success
      * src is gone either way; after a failure it is still there */
     LC_STORE_MOVE = 1u << 0,
+    /* put_file on file://: the object's bytes are durable when it returns but its directory
+     * entry may not be yet; a later put_file without this flag into the same directory (a key
+     * with the same parent) makes every earlier entry there durable too, with one directory
+     * fsync for a batch. Other backends ignore it (their objects are durable on return). */
+    LC_STORE_DEFER_DIRSYNC = 1u << 1,
+    /* put_file with LC_STORE_MOVE: the caller already fsync'd src, so the file backend renames
+     * it into place without syncing it again (a copy to another file system is synced as
+     * always). Lets a caller sync a batch of files in parallel first. */
+    LC_STORE_SRC_SYNCED = 1u << 2,
 };
 
 lc_rc lc_store_put_buf(lc_store *s, const char *key, const void *buf, size_t len, lc_err *err);

@@ -127,6 +127,56 @@ static void test_event_keyed_by_subject(void **state)
     lc_event_free(ev);
 }
 
+/* Many events in one statement: the rows lc_outbox_add_event writes, in the array's order,
+ * atomic with the caller's transaction; none for n = 0. */
+static void test_events_in_one_statement(void **state)
+{
+    fx *f = *state;
+    lc_err e;
+    enum { N = 5 };
+    lc_event *evs[N];
+    for (int i = 0; i < N; i++) {
+        char subject[32];
+        cJSON *d = cJSON_CreateObject();
+        cJSON_AddNumberToObject(d, "i", i);
+        snprintf(subject, sizeof(subject), "1.2.840.%d", 10 - i); /* keys not in id order */
+        assert_int_equal(lc_event_new("radpipe.test", "/radpipe/test", subject, d, &evs[i], &e),
+                         LC_OK);
+    }
+    assert_int_equal(lc_db_begin(f->db, &e), LC_OK);
+    assert_int_equal(
+        lc_outbox_add_events(f->db, "radpipe.", LC_TOPIC_INSTANCE_STORED, evs, N, &e), LC_OK);
+    lc_db_rollback(f->db);
+    assert_int_equal(rows(f), 0);
+
+    assert_int_equal(lc_db_begin(f->db, &e), LC_OK);
+    assert_int_equal(
+        lc_outbox_add_events(f->db, "radpipe.", LC_TOPIC_INSTANCE_STORED, evs, 0, &e), LC_OK);
+    assert_int_equal(
+        lc_outbox_add_events(f->db, "radpipe.", LC_TOPIC_INSTANCE_STORED, evs, N, &e), LC_OK);
+    assert_int_equal(lc_db_commit(f->db, &e), LC_OK);
+    PGresult *r = NULL;
+    assert_int_equal(
+        lc_db_exec(f->db, "SELECT topic, key, payload FROM outbox ORDER BY id", 0, NULL, &r, &e),
+        LC_OK);
+    assert_int_equal(PQntuples(r), N);
+    for (int i = 0; i < N; i++) {
+        lc_event *back = NULL;
+        assert_string_equal(PQgetvalue(r, i, 0), "radpipe.instance.stored");
+        assert_string_equal(PQgetvalue(r, i, 1), evs[i]->subject);
+        const char *p = PQgetvalue(r, i, 2);
+        assert_int_equal(lc_event_parse(p, strlen(p), &back, &e), LC_OK);
+        assert_string_equal(back->id, evs[i]->id);
+        lc_event_free(back);
+    }
+    PQclear(r);
+    assert_int_equal(
+        lc_outbox_add_events(f->db, "bad prefix/", LC_TOPIC_INSTANCE_STORED, evs, N, &e),
+        LC_ERR_INVALID);
+    for (int i = 0; i < N; i++)
+        lc_event_free(evs[i]);
+}
+
 static cJSON *last_dlq(fx *f)
 {
     PGresult *r = NULL;
@@ -213,6 +263,7 @@ int main(void)
     const struct CMUnitTest tests[] = {
         cmocka_unit_test_setup_teardown(test_transactional_and_notified, setup, teardown),
         cmocka_unit_test_setup_teardown(test_event_keyed_by_subject, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_events_in_one_statement, setup, teardown),
         cmocka_unit_test_setup_teardown(test_dead_letters, setup, teardown),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);

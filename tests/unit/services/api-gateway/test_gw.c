@@ -6,7 +6,9 @@
  * table-driven check over every route of the router table, with the one answer to unknown
  * query parameters), limits, queries, routing errors, CORS, metrics, the bootstrap token, the
  * OpenAPI file, job creation with Idempotency-Key, the study close reason, QIDO-RS warnings,
- * WADO-RS frame lists and metadata paging, and the element path walker of WADO-RS bulk data.
+ * WADO-RS frame lists and metadata paging, the element path walker of WADO-RS bulk data, the
+ * multipart parser fed in pieces of every size, and a STOW-RS request of several instances
+ * over several directories (batched fsyncs, one outbox statement).
  */
 #include <dirent.h>
 #include <pthread.h>
@@ -22,6 +24,7 @@
 #include <cjson/cJSON.h>
 #include "gw.h"
 #include "gw_dcmwalk.h"
+#include "gw_multipart.h"
 #include "lc/db.h"
 #include "lc/dicom.h"
 #include "lc/event.h"
@@ -1812,6 +1815,277 @@ static void test_openapi_lists_every_route(void **state)
     }
 }
 
+/* --- the multipart parser in pieces ----------------------------------------------------- */
+
+typedef struct mp_seen {
+    int parts, ends;
+    size_t part_len[4];
+    char *bytes; /* every part's bytes, one after the other */
+    size_t len, cap;
+} mp_seen;
+
+static lc_rc mp_begin(void *ctx, const gw_mp_part *part, lc_err *err)
+{
+    mp_seen *m = ctx;
+    (void)err;
+    assert_int_equal(part->index, m->parts);
+    assert_true(m->parts < 4);
+    m->part_len[m->parts++] = 0;
+    return LC_OK;
+}
+
+static lc_rc mp_data(void *ctx, const char *buf, size_t len, lc_err *err)
+{
+    mp_seen *m = ctx;
+    (void)err;
+    assert_true(len > 0);
+    assert_true(m->len + len <= m->cap);
+    memcpy(m->bytes + m->len, buf, len);
+    m->len += len;
+    m->part_len[m->parts - 1] += len;
+    return LC_OK;
+}
+
+static lc_rc mp_end(void *ctx, const gw_mp_part *part, lc_err *err)
+{
+    mp_seen *m = ctx;
+    (void)part;
+    (void)err;
+    m->ends++;
+    return LC_OK;
+}
+
+/* Feed body in pieces: sizes[k % nsizes] bytes at a time (0: all at once). */
+static lc_rc mp_parse(const char *body, size_t len, const size_t *sizes, size_t nsizes, mp_seen *m,
+                      lc_err *err)
+{
+    static const gw_mp_limits lim = {.max_parts = 4,
+                                     .max_part_bytes = 1 << 20,
+                                     .max_header_bytes = 1024,
+                                     .max_preamble_bytes = 1024};
+    static const gw_mp_callbacks cb = {mp_begin, mp_data, mp_end};
+    gw_mp *p = NULL;
+    m->parts = m->ends = 0;
+    m->len = 0;
+    assert_int_equal(gw_mp_new("b0undary-XyZ", &lim, &cb, m, &p, err), LC_OK);
+    lc_rc rc = LC_OK;
+    for (size_t off = 0, k = 0; rc == LC_OK && off < len; k++) {
+        size_t n = sizes[k % nsizes] ? sizes[k % nsizes] : len;
+        if (n > len - off)
+            n = len - off;
+        rc = gw_mp_feed(p, body + off, n, err);
+        off += n;
+    }
+    if (rc == LC_OK)
+        rc = gw_mp_finish(p, err);
+    gw_mp_free(p);
+    return rc;
+}
+
+/* Bodies whose data is full of delimiter look-alikes, cut into pieces of every small size and
+ * some large ones: the parts and their bytes never depend on where the pieces end, whether
+ * the window or the caller's buffer hands them out. */
+static void test_multipart_pieces(void **state)
+{
+    (void)state;
+    static const char delim_start[] = "\r\n--b0undary-Xy"; /* a delimiter but for its end */
+    size_t n0 = 300000, n2 = 3000, cap = n0 + n2 + 4096;
+    char *p0 = malloc(n0), *p2 = malloc(n2), *body = malloc(cap);
+    mp_seen m = {.bytes = malloc(cap), .cap = cap};
+    assert_non_null(p0);
+    assert_non_null(p2);
+    assert_non_null(body);
+    assert_non_null(m.bytes);
+    unsigned x = 12345;
+    for (size_t i = 0; i < n0; i++) {
+        x = x * 1103515245u + 12345u;
+        p0[i] = (char)(x >> 16);
+    }
+    for (size_t i = 0; i + sizeof(delim_start) < n0; i += 997) { /* prefixes of every length */
+        size_t k = 1 + (i / 997) % (sizeof(delim_start) - 1);
+        memcpy(p0 + i, delim_start, k);
+        p0[i + k] = 'z'; /* never the delimiter's next byte */
+    }
+    memcpy(p0 + n0 - 3, "\r\n-", 3); /* a delimiter prefix right before the real one */
+    for (size_t i = 0; i < n2; i++)
+        p2[i] = "\r\n-b"[i % 4];
+    size_t len = 0;
+    len += (size_t)sprintf(body + len, "--b0undary-XyZ\r\nContent-Type: application/dicom\r\n\r\n");
+    const size_t head0 = len;
+    memcpy(body + len, p0, n0);
+    len += n0;
+    len += (size_t)sprintf(body + len, "\r\n--b0undary-XyZ\r\n\r\n"); /* an empty part */
+    len += (size_t)sprintf(body + len, "\r\n--b0undary-XyZ  \r\nContent-Length: %zu\r\n\r\n", n2);
+    memcpy(body + len, p2, n2);
+    len += n2;
+    len += (size_t)sprintf(body + len, "\r\n--b0undary-XyZ--\r\nepilogue");
+
+    size_t sizes[] = {0,  1,   2,   3,    5,    7,    13,   16,    17,     18,     19,    31,
+                      64, 100, 997, 4096, 8191, 8192, 8193, 65536, 262143, 262144, 300000};
+    const size_t cycle[] = {1, 17, 2, 18, 4000, 3, 19, 70000, 16};
+    for (size_t k = 0; k <= sizeof(sizes) / sizeof(sizes[0]); k++) {
+        lc_err err = {0};
+        int cycling = k == sizeof(sizes) / sizeof(sizes[0]);
+        lc_rc rc = cycling ? mp_parse(body, len, cycle, sizeof(cycle) / sizeof(cycle[0]), &m, &err)
+                           : mp_parse(body, len, &sizes[k], 1, &m, &err);
+        if (rc != LC_OK)
+            fail_msg("pieces of %zu: %s", cycling ? 0 : sizes[k], lc_err_msg(&err));
+        assert_int_equal(m.parts, 3);
+        assert_int_equal(m.ends, 3);
+        assert_int_equal(m.part_len[0], n0);
+        assert_int_equal(m.part_len[1], 0);
+        assert_int_equal(m.part_len[2], n2);
+        assert_memory_equal(m.bytes, p0, n0);
+        assert_memory_equal(m.bytes + n0, p2, n2);
+    }
+    /* every delimiter split at every position near it: a piece that ends inside it, then one
+     * of a few bytes, then the rest */
+    const char *d = body;
+    while ((d = memmem(d + 1, len - (size_t)(d + 1 - body), "\r\n--b0undary-XyZ", 16))) {
+        size_t at = (size_t)(d - body);
+        for (size_t cut = at - 20; cut <= at + 20; cut++) {
+            static const size_t then[] = {1, 5, 14, 15, 16, 17, 40};
+            for (size_t t = 0; t < sizeof(then) / sizeof(then[0]); t++) {
+                lc_err err = {0};
+                const size_t three[3] = {cut, then[t], 0};
+                if (mp_parse(body, len, three, 3, &m, &err) != LC_OK)
+                    fail_msg("cut at %zu then %zu: %s", cut, then[t], lc_err_msg(&err));
+                assert_int_equal(m.parts, 3);
+                assert_int_equal(m.part_len[0], n0);
+                assert_int_equal(m.part_len[2], n2);
+                assert_memory_equal(m.bytes, p0, n0);
+                assert_memory_equal(m.bytes + n0, p2, n2);
+            }
+        }
+    }
+    /* truncated inside the tail the parser keeps back: an error whatever the pieces */
+    for (size_t k = 1; k < sizeof(sizes) / sizeof(sizes[0]); k++) {
+        lc_err err = {0};
+        size_t cut = head0 + n0 - 2; /* inside the first part's trailing "\r\n-" */
+        assert_int_equal(mp_parse(body, cut, &sizes[k], 1, &m, &err), LC_ERR_INVALID);
+    }
+    free(m.bytes);
+    free(body);
+    free(p2);
+    free(p0);
+}
+
+/* --- STOW-RS of several instances ------------------------------------------------------- */
+
+/* A multipart/related body of files (NULL: a plain text part), boundary "b0undary-XyZ";
+ * caller frees. */
+static char *stow_body(const char *const *files, size_t n, size_t *len)
+{
+    size_t cap = 4096, off = 0;
+    char *b = malloc(cap);
+    assert_non_null(b);
+    for (size_t i = 0; i < n; i++) {
+        size_t flen = 0;
+        char *bytes = files[i] ? ts_read_file(files[i], &flen) : strdup("not DICOM at all");
+        assert_non_null(bytes);
+        if (!files[i])
+            flen = strlen(bytes);
+        char *nb = realloc(b, cap += flen + 200);
+        assert_non_null(nb);
+        b = nb;
+        off += (size_t)sprintf(b + off, "\r\n--b0undary-XyZ\r\nContent-Type: application/dicom"
+                                        "\r\n\r\n");
+        memcpy(b + off, bytes, flen);
+        off += flen;
+        free(bytes);
+    }
+    off += (size_t)sprintf(b + off, "\r\n--b0undary-XyZ--\r\n");
+    *len = off;
+    return b;
+}
+
+/* Instances of two series (and studies), interleaved, with a SOPInstanceUID sent twice and a
+ * part that is not DICOM: every accepted instance is stored byte for byte (the later copy of
+ * the repeated one wins), announced in part order by one outbox row each, and the spool is
+ * empty afterwards. */
+static void test_stow_several_instances(void **state)
+{
+    fixture *f = *state;
+    char *files[5] = {ts_data("series/mr-4slice/jpeg-lossless-sv1/IM-0001-0001-0001.dcm"),
+                      ts_data("mr-small/MR_small.dcm"),
+                      ts_data("series/mr-4slice/jpeg-lossless-sv1/IM-0001-0002-0001.dcm"),
+                      NULL, /* not DICOM */
+                      ts_data("series/mr-4slice/rle/IM-0001-0001-0001.dcm")};
+    lc_dicom_header *h[5] = {0};
+    lc_err err = {0};
+    for (int i = 0; i < 5; i++)
+        if (files[i] && lc_dicom_read_header(files[i], &h[i], &err) != LC_OK)
+            fail_msg("%s: %s", files[i], lc_err_msg(&err));
+    assert_string_equal(h[0]->sop_instance_uid, h[4]->sop_instance_uid);
+    assert_string_not_equal(h[0]->series_instance_uid, h[1]->series_instance_uid);
+    long long last0 = query_ll(f->db, "SELECT COALESCE(max(id), 0) FROM outbox", 0, NULL);
+    size_t len = 0;
+    char *body = stow_body((const char *const *)files, 5, &len);
+
+    resp r = http(f, &(req){.method = "POST",
+                            .path = "/dicomweb/studies",
+                            .token = TOK_WRITE,
+                            .ctype = "multipart/related; type=\"application/dicom\"; "
+                                     "boundary=b0undary-XyZ",
+                            .body = body,
+                            .len = len});
+    expect_status(&r, 202);
+    cJSON *j = json_of(&r);
+    assert_int_equal(
+        cJSON_GetArraySize(cJSON_GetObjectItem(cJSON_GetObjectItem(j, "00081199"), "Value")), 4);
+    assert_int_equal(
+        cJSON_GetArraySize(cJSON_GetObjectItem(cJSON_GetObjectItem(j, "00081198"), "Value")), 1);
+    cJSON_Delete(j);
+    resp_free(&r);
+
+    PGresult *res = NULL;
+    char last[32];
+    snprintf(last, sizeof(last), "%lld", last0);
+    const char *pl[1] = {last};
+    if (lc_db_exec(f->db, "SELECT key, payload FROM outbox WHERE id > $1::bigint ORDER BY id", 1,
+                   pl, &res, &err) != LC_OK)
+        fail_msg("outbox: %s", lc_err_msg(&err));
+    assert_int_equal(PQntuples(res), 4);
+    for (int i = 0, row = 0; i < 5; i++) {
+        if (!files[i])
+            continue;
+        lc_event *ev = NULL;
+        const char *payload = PQgetvalue(res, row, 1);
+        if (lc_event_parse(payload, strlen(payload), &ev, &err) != LC_OK)
+            fail_msg("event: %s: %s", lc_err_msg(&err), payload);
+        assert_string_equal(PQgetvalue(res, row, 0), h[i]->study_instance_uid);
+        assert_string_equal(cJSON_GetStringValue(cJSON_GetObjectItem(ev->data, "sop_instance_uid")),
+                            h[i]->sop_instance_uid);
+        size_t flen = 0;
+        char sha[65], *bytes = ts_read_file(files[i], &flen);
+        lc_sha256_hex(bytes, flen, sha);
+        assert_string_equal(cJSON_GetStringValue(cJSON_GetObjectItem(ev->data, "sha256")), sha);
+        /* the object holds these bytes unless a later part replaced them */
+        if (i != 0) {
+            char key[512];
+            void *stored = NULL;
+            size_t slen = 0;
+            snprintf(key, sizeof(key), "instances/%s/%s/%s.dcm", h[i]->study_instance_uid,
+                     h[i]->series_instance_uid, h[i]->sop_instance_uid);
+            if (lc_store_get_buf(f->store, key, 10 << 20, &stored, &slen, &err) != LC_OK)
+                fail_msg("get %s: %s", key, lc_err_msg(&err));
+            assert_int_equal(slen, flen);
+            assert_memory_equal(stored, bytes, flen);
+            free(stored);
+        }
+        free(bytes);
+        lc_event_free(ev);
+        row++;
+    }
+    PQclear(res);
+    assert_int_equal(count_files(f->spool), 0);
+    for (int i = 0; i < 5; i++) {
+        lc_dicom_header_free(h[i]);
+        free(files[i]);
+    }
+    free(body);
+}
+
 int main(void)
 {
     const struct CMUnitTest unit[] = {
@@ -1819,6 +2093,7 @@ int main(void)
         cmocka_unit_test(test_config_table),
         cmocka_unit_test(test_openapi_lists_every_route),
         cmocka_unit_test(test_dcmwalk_paths),
+        cmocka_unit_test(test_multipart_pieces),
     };
     const struct CMUnitTest server[] = {
         cmocka_unit_test(test_post_dicom),
@@ -1827,6 +2102,7 @@ int main(void)
         cmocka_unit_test(test_post_auth),
         cmocka_unit_test(test_post_wrong_content_type),
         cmocka_unit_test(test_post_too_large),
+        cmocka_unit_test(test_stow_several_instances),
         cmocka_unit_test(test_studies_list),
         cmocka_unit_test(test_studies_list_bad_params),
         cmocka_unit_test(test_studies_sql_metacharacters_are_data),
