@@ -340,6 +340,9 @@ int gw_studies_list(gw_req *r);
 int gw_studies_get(gw_req *r);
 int gw_studies_complete(gw_req *r);
 int gw_jobs_get(gw_req *r);
+/* gw_models.c: the models the gpu-segmenters hold resident (table models) */
+int gw_models_list(gw_req *r);
+int gw_models_get(gw_req *r);
 int gw_jobs_list(gw_req *r);
 int gw_jobs_create(gw_req *r);
 int gw_jobs_retry(gw_req *r);

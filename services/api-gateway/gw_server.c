@@ -97,6 +97,8 @@ static const gw_route routes[] = {
     {"POST", "/api/v1/jobs/{id}/cancel", GW_SCOPE_WRITE, gw_jobs_cancel, NULL},
     {"GET", "/api/v1/jobs/{id}/artifacts/{name}", GW_SCOPE_READ, gw_jobs_artifact, NULL},
     {"GET", "/api/v1/events", GW_SCOPE_READ, gw_events_stream, q_events},
+    {"GET", "/api/v1/models", GW_SCOPE_READ, gw_models_list, NULL},
+    {"GET", "/api/v1/models/{name}", GW_SCOPE_READ, gw_models_get, NULL},
     /* DICOMweb: STOW-RS, QIDO-RS, WADO-RS (PS3.18) */
     {"POST", "/dicomweb/studies", GW_SCOPE_WRITE, gw_stow, NULL},
     {"GET", "/dicomweb/studies", GW_SCOPE_READ, gw_qido_studies, QOWN},

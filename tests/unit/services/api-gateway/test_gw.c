@@ -941,6 +941,64 @@ static void test_job_get(void **state)
     resp_free(&r);
 }
 
+/* GET /api/v1/models[/{name}]: the rows the segmenters upsert, as JSON; none at first. */
+static void test_models(void **state)
+{
+    fixture *f = *state;
+    cJSON *j = get_json(f, "/api/v1/models", 200);
+    assert_int_equal(cJSON_GetArraySize(cJSON_GetObjectItem(j, "models")), 0);
+    cJSON_Delete(j);
+    exec_ok(f->db,
+            "INSERT INTO models (name, version, modality, labels, spatial_dims, spacing_mm,"
+            " patch_size, normalization, mirroring, sha256, size_bytes, parameters, loaded_by)"
+            " VALUES ('zeta-mr', '2', 'MR', '[]', 2, '{1,1}', '{256,256}',"
+            "  '{\"scheme\": \"zscore\"}', false, 'ab', 10, 20, 'h:2'),"
+            " ('body-ct', '1.0.0', 'CT', '[{\"value\": 1, \"name\": \"Body\","
+            "  \"category\": {\"code\": \"123037004\", \"scheme\": \"SCT\","
+            "  \"meaning\": \"Anatomical Structure\"}, \"type\": {\"code\": \"38266002\","
+            "  \"scheme\": \"SCT\", \"meaning\": \"Entire body\"}}]', 3, '{3,1.5,1.5}',"
+            "  '{64,96,96}', '{\"scheme\": \"ct\", \"mean\": 40, \"std\": 200}', true, 'cd',"
+            "  1000, 5600000, 'host:1')",
+            0, NULL);
+    j = get_json(f, "/api/v1/models", 200);
+    cJSON *ms = cJSON_GetObjectItem(j, "models");
+    assert_int_equal(cJSON_GetArraySize(ms), 2);
+    cJSON *m = cJSON_GetArrayItem(ms, 0); /* by name */
+    assert_string_equal(cJSON_GetStringValue(cJSON_GetObjectItem(m, "name")), "body-ct");
+    assert_string_equal(cJSON_GetStringValue(cJSON_GetObjectItem(m, "modality")), "CT");
+    assert_int_equal(cJSON_GetNumberValue(cJSON_GetObjectItem(m, "spatial_dims")), 3);
+    assert_int_equal(cJSON_GetArraySize(cJSON_GetObjectItem(m, "patch_size")), 3);
+    assert_true(cJSON_GetNumberValue(cJSON_GetArrayItem(cJSON_GetObjectItem(m, "spacing_mm"), 1)) ==
+                1.5);
+    cJSON *lab = cJSON_GetArrayItem(cJSON_GetObjectItem(m, "labels"), 0);
+    assert_string_equal(
+        cJSON_GetStringValue(cJSON_GetObjectItem(cJSON_GetObjectItem(lab, "type"), "code")),
+        "38266002");
+    assert_true(cJSON_IsTrue(cJSON_GetObjectItem(m, "mirroring")));
+    assert_int_equal(cJSON_GetNumberValue(cJSON_GetObjectItem(m, "parameters")), 5600000);
+    assert_non_null(cJSON_GetStringValue(cJSON_GetObjectItem(m, "loaded_at")));
+    assert_string_equal(cJSON_GetStringValue(cJSON_GetObjectItem(cJSON_GetArrayItem(ms, 1), "name")),
+                        "zeta-mr");
+    cJSON_Delete(j);
+
+    j = get_json(f, "/api/v1/models/zeta-mr", 200);
+    assert_string_equal(cJSON_GetStringValue(cJSON_GetObjectItem(j, "version")), "2");
+    assert_string_equal(cJSON_GetStringValue(
+                            cJSON_GetObjectItem(cJSON_GetObjectItem(j, "normalization"), "scheme")),
+                        "zscore");
+    cJSON_Delete(j);
+    resp r = get(f, "/api/v1/models/no-such-model", TOK_READ);
+    free(expect_problem(&r, 404));
+    resp_free(&r);
+    r = get(f, "/api/v1/models/.hidden", TOK_READ);
+    free(expect_problem(&r, 400));
+    resp_free(&r);
+    r = get(f, "/api/v1/models?x=1", TOK_READ);
+    free(expect_problem(&r, 400)); /* no query parameters */
+    resp_free(&r);
+    exec_ok(f->db, "DELETE FROM models", 0, NULL);
+}
+
 /* --- routing, CORS, admin --------------------------------------------------------------- */
 
 static void test_routing_errors(void **state)
@@ -2108,6 +2166,7 @@ int main(void)
         cmocka_unit_test(test_studies_sql_metacharacters_are_data),
         cmocka_unit_test(test_study_get),
         cmocka_unit_test(test_job_get),
+        cmocka_unit_test(test_models),
         cmocka_unit_test(test_routing_errors),
         cmocka_unit_test(test_cors),
         cmocka_unit_test(test_admin_endpoints_and_metrics),
