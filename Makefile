@@ -93,17 +93,20 @@ $(LIBCOMMON): $(LC_OBJ)
 	rm -f $@ && ar rcs $@ $^
 
 # --- gpu/nn: the inference engine. ONNX through protobuf-c's code generated from Debian
-# libonnx-dev's onnx.proto into $(BUILD)/gen/onnx; OpenBLAS (pthread build) on the CPU; cuDNN
-# is opened at run time by gpu/cuda/nn_cudnn.cu (dlopen), so nothing links it. The libraries
-# are linked --as-needed: only binaries that call gpu_nn_* depend on them. ------------------
+# libonnx-dev's onnx.proto into $(BUILD)/gen/onnx; oneDNN (Debian libdnnl-dev, no pkg-config
+# file there: -ldnnl) and its OpenMP runtime (libgomp, whose thread count the engine sets) on
+# the CPU; cuDNN is opened at run time by gpu/cuda/nn_cudnn.cu (dlopen), so nothing links it.
+# The libraries are linked --as-needed: only binaries that call gpu_nn_* depend on them. ----
 ONNX_PROTO ?= /usr/include/onnx/onnx.proto
 NN_GEN_C := $(BUILD)/gen/onnx/onnx.pb-c.c
 NN_GEN_H := $(BUILD)/gen/onnx/onnx.pb-c.h
 NN_SRC := $(wildcard gpu/nn/*.c)
 NN_OBJ := $(call obj,$(NN_SRC)) $(BUILD)/obj/gen/onnx/onnx.pb-c.o
-NN_CFLAGS := $(shell pkg-config --cflags openblas libprotobuf-c 2>/dev/null)
+NN_CFLAGS := $(shell pkg-config --cflags libprotobuf-c 2>/dev/null) \
+             $(shell pkg-config --cflags dnnl 2>/dev/null)
 NN_LIBS := -Wl,--push-state,--as-needed \
-           $(or $(shell pkg-config --libs openblas libprotobuf-c 2>/dev/null),-lopenblas -lprotobuf-c) \
+           $(or $(shell pkg-config --libs libprotobuf-c 2>/dev/null),-lprotobuf-c) \
+           $(or $(shell pkg-config --libs dnnl 2>/dev/null),-ldnnl) -lgomp \
            -Wl,--pop-state
 
 $(NN_GEN_C): $(ONNX_PROTO)
@@ -115,7 +118,11 @@ $(BUILD)/obj/gen/onnx/onnx.pb-c.o: $(NN_GEN_C)
 	@mkdir -p $(@D)
 	$(CC) $(CFLAGS) $(NN_CFLAGS) -c -o $@ $<
 
+# nn_cpu.c's own kernels run on the OpenMP threads oneDNN runs on (libgomp, GCC's); clang's
+# OpenMP is another runtime (libomp), so the clang fuzz build runs them without OpenMP
+NN_OPENMP := $(if $(findstring clang,$(CC)),,-fopenmp)
 $(NN_OBJ): CFLAGS += $(NN_CFLAGS)
+$(BUILD)/obj/gpu/nn/nn_cpu.o: CFLAGS += $(NN_OPENMP)
 $(NN_OBJ): | $(NN_GEN_H)
 lint: $(NN_GEN_H)
 

@@ -14,7 +14,7 @@ base="build-essential pkg-config libcivetweb-dev librdkafka-dev libpq-dev libcjs
 libgdcm-dev libgdcm-tools libcurl4-openssl-dev libssl-dev libnifti2-dev zlib1g-dev libpng-dev
 libcmocka-dev libexpat1-dev libarchive-dev postgresql kcat dcmtk dcm2niix dicom3tools awscli docker-compose clang libclang-rt-14-dev
 clang-tidy cppcheck procps curl ca-certificates python3-skimage python3-numpy python3-scipy python3-yaml
-libprotobuf-c-dev protobuf-c-compiler libonnx-dev libopenblas-dev"
+libprotobuf-c-dev protobuf-c-compiler libonnx-dev libdnnl-dev"
 bench="orthanc orthanc-dicomweb python3-pydicom wrk hyperfine"
 models="python3-torch python3-onnx"
 

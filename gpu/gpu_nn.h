@@ -1,14 +1,15 @@
 /*
  * gpu_nn.h: radpipe's resident inference engine for convolutional networks exported to ONNX
  * (nnU-Net and MONAI style 2D and 3D U-Nets), on the same gpu_ctx as the segmentation kernels
- * of gpu_seg.h: cuDNN on CUDA, im2col/GEMM (OpenBLAS) or direct convolution on the CPU, chosen
- * by the context. A model is parsed, checked and planned once (gpu_nn_load: weights on the
- * backend, batch norm folded into the preceding convolution, a static execution plan whose
- * activation buffers are reused) and then stays resident for any number of runs.
+ * of gpu_seg.h: cuDNN on CUDA, oneDNN's convolutions on the CPU, chosen by the context. A
+ * model is parsed, checked and planned once (gpu_nn_load: weights on the backend, batch norm
+ * folded into the preceding convolution, a static execution plan whose activation buffers are
+ * reused) and then stays resident for any number of runs.
  * Supported: default-domain opsets 7 to 21; the operators listed in gpu/README.md ("Inference
  * engine"). On CUDA, cuDNN 9 is opened at run time (libcudnn.so.9): without it a CUDA context
  * cannot load models (LC_ERR_UNSUPPORTED, saying so); the CPU backend needs nothing but
- * OpenBLAS and protobuf-c, which the binaries link.
+ * oneDNN (with its OpenMP runtime, libgomp) and protobuf-c, which the binaries link. The CPU
+ * runs on the context's thread count: OpenMP's, set by the engine on the calling thread.
  * Thread safety: a model belongs to its context; use both from one thread at a time.
  */
 #ifndef GPU_NN_H

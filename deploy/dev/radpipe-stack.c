@@ -795,6 +795,10 @@ static int service_env(const stack *s, const child *c, envv *e)
         {"RADPIPE_HTTP_LISTEN", c->admin_port ? NULL : s->cfg.http_listen},
     };
     const size_t nset = sizeof(set) / sizeof(set[0]);
+    /* The inference engine's OpenMP threads (libgomp reads this when it loads) sleep between
+     * parallel regions instead of spinning: the stack's processes share the machine. */
+    if (!getenv("OMP_WAIT_POLICY") && envv_add(e, strdup("OMP_WAIT_POLICY=PASSIVE")) != 0)
+        return -1;
     for (char **p = environ; *p; p++) {
         size_t kl = strcspn(*p, "=");
         int overridden = 0;

@@ -435,6 +435,7 @@ static const nn_backend cu_nn_backend = {
     cu_nn_finish,   /* win_finish */
     cu_nn_sync,     /* sync */
     cu_nn_set_half, /* set_half */
+    NULL,           /* prepare_plan: steps prepared one by one */
 };
 
 extern "C" const nn_backend *gpu_cu_nn_backend(void)

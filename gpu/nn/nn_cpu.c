@@ -1,31 +1,33 @@
 /*
- * nn_cpu.c: the engine's CPU backend: every step on host memory with the context's threads
- * (gpu/ref/ref_par.h). Convolutions are GEMMs on OpenBLAS: im2col of a block of output
- * positions into the part's scratch (none for 1x1x1 stride-1 convolutions, which multiply the
- * input directly), one cblas_sgemm per block, bias and activation while the block is in
- * cache; transposed convolutions are a GEMM per block of input positions then a scatter into
- * the part's own output channels. The threads are ours: OpenBLAS runs single-threaded
- * (openblas_set_num_threads(1) at model open, process-wide: radpipe calls OpenBLAS nowhere
- * else), so the work splits into deterministic blocks with no nested thread pools.
+ * nn_cpu.c: the engine's CPU backend: every step on host memory. Convolutions and transposed
+ * convolutions run on oneDNN (nn_dnnl.c), everything else on our kernels. Activations between
+ * oneDNN's steps stay channels-last (nn_cpu.h), the layout its fastest convolutions take: at
+ * plan time prepare_plan makes a step's output channels-last when every reader takes it as is
+ * (a convolution, or a step that works on either layout: instance and batch norm,
+ * activations, same-shape arithmetic, channel concat) and plain otherwise; the graph's input
+ * and output are plain. So a U-Net reorders nothing between its convolutions. Our kernels run
+ * on the OpenMP threads oneDNN uses (par_parts): one pool of the context's thread count
+ * serves every step, with the work split by sizes and thread count only.
  * Thread safety: calls on one model do not overlap.
  */
-#include <cblas.h>
 #include <float.h>
 #include <math.h>
 #include <stdlib.h>
 #include <string.h>
-#include "nn_internal.h"
+#include "nn_cpu.h"
 #include "ref/ref_internal.h"
 #include "ref/ref_par.h"
 
-/* im2col bytes a part aims at per block (about an L2 cache) */
-#ifndef COL_BUDGET
-#define COL_BUDGET ((size_t)2 << 20)
-#endif
-
 typedef struct cpu_bm {
     int threads;
+    nn_dnnl *dn;
 } cpu_bm;
+
+/* A step's CPU state (s->bs): its output layout and, for convolutions, oneDNN's primitive. */
+typedef struct cpu_step {
+    int cl; /* the output (and the data inputs of a layout-passing step) channels-last */
+    nn_dnnl_conv *conv;
+} cpu_step;
 
 static lc_rc cpu_open(gpu_ctx *ctx, int allow_half, void **bm, lc_err *err)
 {
@@ -36,14 +38,55 @@ static lc_rc cpu_open(gpu_ctx *ctx, int allow_half, void **bm, lc_err *err)
     b->threads = ((const ref_impl *)ctx->impl)->threads;
     if (b->threads < 1)
         b->threads = 1;
-    openblas_set_num_threads(1);
+    lc_rc rc = nn_dnnl_open(ctx, b->threads, &b->dn, err);
+    if (rc != LC_OK) {
+        free(b);
+        return rc;
+    }
     *bm = b;
     return LC_OK;
 }
 
 static void cpu_close(void *bm)
 {
-    free(bm);
+    cpu_bm *b = bm;
+    if (!b)
+        return;
+    nn_dnnl_close(b->dn);
+    free(b);
+}
+
+/* Our kernels' parallel loop: the parts gpu/ref's loops would make (ref_units_parts: fixed by
+ * the sizes and the thread count, so results never depend on timing), run on the OpenMP
+ * threads that oneDNN runs on rather than on threads of our own: libgomp's idle threads spin
+ * for a while after each oneDNN call, and a second pool would compete with them for the
+ * cores. Built without OpenMP (the clang fuzz build), the parts run in turn. */
+static void par_parts(int np, size_t n, size_t chunk, ref_part_fn fn, void *arg)
+{
+    if (np == 1) { /* no team to wake */
+        fn(arg, 0, 0, n);
+        return;
+    }
+#ifdef _OPENMP
+#pragma omp parallel for num_threads(np) schedule(static, 1)
+#endif
+    for (int i = 0; i < np; i++) {
+        size_t b = chunk * (size_t)i, e = chunk * (size_t)(i + 1);
+        fn(arg, i, b < n ? b : n, i == np - 1 || e > n ? n : e);
+    }
+}
+
+static void par_units(int threads, size_t units, size_t min_units, ref_part_fn fn, void *arg)
+{
+    int np = ref_units_parts(threads, units, min_units);
+    par_parts(np, units, units / (size_t)np, fn, arg);
+}
+
+/* Voxel ranges, parts a multiple of 64 voxels long (as ref_run). */
+static void par_voxels(int threads, size_t n, ref_part_fn fn, void *arg)
+{
+    int np = ref_parts(threads, n);
+    par_parts(np, n, (n / (size_t)np + 63) / 64 * 64, fn, arg);
 }
 
 static inline float act(float v, nn_act a, float alpha)
@@ -60,230 +103,10 @@ static inline float act(float v, nn_act a, float alpha)
     }
 }
 
-static void act_row(float *y, size_t n, float bias, nn_act a, float alpha)
+static int step_cl(const nn_step *s)
 {
-    if (a == NN_ACT_NONE) {
-        if (bias != 0)
-            for (size_t i = 0; i < n; i++)
-                y[i] += bias;
-        return;
-    }
-    for (size_t i = 0; i < n; i++)
-        y[i] = act(y[i] + bias, a, alpha);
-}
-
-/* --- convolution --------------------------------------------------------------------------- */
-
-static int pointwise(const nn_step *s)
-{
-    for (int i = 0; i < 3; i++)
-        if (s->k[i] != 1 || s->s[i] != 1 || s->pb[i] || s->pe[i])
-            return 0;
-    return 1;
-}
-
-/* Conv: K = rows of the im2col matrix, P = output positions, cn = columns per block. */
-static void conv_dims(const nn_step *s, int threads, size_t *K, size_t *P, size_t *cn)
-{
-    size_t kv = (size_t)(s->k[0] * s->k[1] * s->k[2]);
-    *K = (size_t)(s->cin / s->group) * kv;
-    *P = (size_t)(s->od[0] * s->od[1] * s->od[2]);
-    size_t c = COL_BUDGET / (*K * sizeof(float));
-    size_t even = (*P + (size_t)threads - 1) / (size_t)threads; /* every thread gets blocks */
-    if (c > even)
-        c = even;
-    c = c < 64 ? 64 : c / 16 * 16;
-    *cn = c < *P ? c : *P;
-}
-
-typedef struct conv_job {
-    const nn_step *s;
-    const float *x, *w, *bias;
-    float *y, *scratch;
-    size_t K, P, cn, nchunks, per_part;
-    int pw;
-} conv_job;
-
-/* col[k][j] for rows k of the im2col matrix and output positions p0 + j, j < cn. */
-static void im2col(const nn_step *s, const float *x, size_t p0, size_t cn, float *col)
-{
-    const int64_t *id = s->id, *od = s->od, *k = s->k, *st = s->s, *dl = s->dl, *pb = s->pb;
-    size_t cing = (size_t)(s->cin / s->group), plane = (size_t)(id[0] * id[1] * id[2]);
-    size_t row = 0;
-    if (!col)
-        return;
-    for (size_t ci = 0; ci < cing; ci++)
-        for (int64_t kz = 0; kz < k[0]; kz++)
-            for (int64_t ky = 0; ky < k[1]; ky++)
-                for (int64_t kx = 0; kx < k[2]; kx++, row++) {
-                    float *dst = col + row * cn;
-                    const float *src = x + ci * plane;
-                    size_t p = p0, end = p0 + cn;
-                    while (p < end) {
-                        int64_t oz = (int64_t)(p / (size_t)(od[1] * od[2]));
-                        int64_t rem = (int64_t)(p % (size_t)(od[1] * od[2]));
-                        int64_t oy = rem / od[2], ox = rem % od[2];
-                        size_t seg = (size_t)(od[2] - ox);
-                        if (seg > end - p)
-                            seg = end - p;
-                        int64_t iz = oz * st[0] - pb[0] + kz * dl[0];
-                        int64_t iy = oy * st[1] - pb[1] + ky * dl[1];
-                        if (iz < 0 || iz >= id[0] || iy < 0 || iy >= id[1]) {
-                            memset(dst, 0, seg * sizeof(float));
-                        } else {
-                            const float *r =
-                                src + ((size_t)iz * (size_t)id[1] + (size_t)iy) * (size_t)id[2];
-                            int64_t ix0 = ox * st[2] - pb[2] + kx * dl[2];
-                            if (st[2] == 1 && ix0 >= 0 && ix0 + (int64_t)seg <= id[2]) {
-                                memcpy(dst, r + ix0, seg * sizeof(float));
-                            } else {
-                                for (size_t j = 0; j < seg; j++) {
-                                    int64_t ix = ix0 + (int64_t)j * st[2];
-                                    dst[j] = ix >= 0 && ix < id[2] ? r[ix] : 0.0f;
-                                }
-                            }
-                        }
-                        dst += seg;
-                        p += seg;
-                    }
-                }
-}
-
-static void conv_part(void *arg, int part, size_t begin, size_t end)
-{
-    const conv_job *j = arg;
-    const nn_step *s = j->s;
-    size_t G = (size_t)s->group, coutg = (size_t)(s->cout / s->group);
-    size_t cing = (size_t)(s->cin / s->group);
-    size_t in_plane = (size_t)(s->id[0] * s->id[1] * s->id[2]);
-    float *col = j->scratch ? j->scratch + (size_t)part * j->per_part : NULL;
-
-    for (size_t u = begin; u < end; u++) {
-        size_t chunk = u % j->nchunks, g = (u / j->nchunks) % G, n = u / (j->nchunks * G);
-        size_t p0 = chunk * j->cn, cn = j->cn;
-        if (p0 + cn > j->P)
-            cn = j->P - p0;
-        const float *x = j->x + (n * (size_t)s->cin + g * cing) * in_plane;
-        float *y = j->y + (n * (size_t)s->cout + g * coutg) * j->P;
-        const float *w = j->w + g * coutg * j->K;
-        if (j->pw) {
-            cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, (int)coutg, (int)cn, (int)j->K,
-                        1.0f, w, (int)j->K, x + p0, (int)j->P, 0.0f, y + p0, (int)j->P);
-        } else {
-            im2col(s, x, p0, cn, col);
-            cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, (int)coutg, (int)cn, (int)j->K,
-                        1.0f, w, (int)j->K, col, (int)cn, 0.0f, y + p0, (int)j->P);
-        }
-        for (size_t co = 0; co < coutg; co++)
-            act_row(y + co * j->P + p0, cn, j->bias ? j->bias[g * coutg + co] : 0.0f, s->a.act,
-                    s->a.alpha);
-    }
-}
-
-static void run_conv(const cpu_bm *b, const nn_step *s, const nn_bind *bd)
-{
-    conv_job j = {.s = s,
-                  .x = bd->in[0],
-                  .w = bd->in[1],
-                  .bias = s->nin > 2 ? bd->in[2] : NULL,
-                  .y = bd->out,
-                  .scratch = bd->scratch,
-                  .pw = pointwise(s)};
-    conv_dims(s, b->threads, &j.K, &j.P, &j.cn);
-    j.per_part = j.K * j.cn;
-    j.nchunks = (j.P + j.cn - 1) / j.cn;
-    if (j.pw)
-        j.scratch = NULL;
-    size_t units = (size_t)s->n * (size_t)s->group * j.nchunks;
-    ref_run_units(b->threads, units, 1, conv_part, &j);
-}
-
-/* ConvTranspose: rows of W^T per channel block, columns per block of input positions. */
-static void convt_dims(const nn_step *s, int threads, size_t *cb, size_t *qn)
-{
-    size_t coutg = (size_t)(s->cout / s->group), kv = (size_t)(s->k[0] * s->k[1] * s->k[2]);
-    size_t pin = (size_t)(s->id[0] * s->id[1] * s->id[2]);
-    size_t c = (coutg + (size_t)threads - 1) / (size_t)threads;
-    *cb = c ? c : 1;
-    size_t q = COL_BUDGET / (*cb * kv * sizeof(float));
-    q = q < 16 ? 16 : q;
-    *qn = q < pin ? q : pin;
-}
-
-typedef struct convt_job {
-    const nn_step *s;
-    const float *x, *w, *bias;
-    float *y, *scratch;
-    size_t cb, ncb, qn, per_part;
-} convt_job;
-
-static void convt_part(void *arg, int part, size_t begin, size_t end)
-{
-    const convt_job *j = arg;
-    const nn_step *s = j->s;
-    const int64_t *id = s->id, *od = s->od, *k = s->k, *st = s->s, *dl = s->dl, *pb = s->pb;
-    size_t G = (size_t)s->group, coutg = (size_t)(s->cout / s->group);
-    size_t cing = (size_t)(s->cin / s->group), kv = (size_t)(k[0] * k[1] * k[2]);
-    size_t pin = (size_t)(id[0] * id[1] * id[2]), pout = (size_t)(od[0] * od[1] * od[2]);
-    float *col = j->scratch + (size_t)part * j->per_part;
-
-    for (size_t u = begin; u < end; u++) {
-        size_t cbi = u % j->ncb, g = (u / j->ncb) % G, n = u / (j->ncb * G);
-        size_t c0 = cbi * j->cb, c1 = c0 + j->cb < coutg ? c0 + j->cb : coutg;
-        const float *x = j->x + (n * (size_t)s->cin + g * cing) * pin;
-        float *y = j->y + (n * (size_t)s->cout + g * coutg) * pout;
-        const float *w = j->w + g * cing * coutg * kv + c0 * kv;
-        size_t rows = (c1 - c0) * kv;
-        for (size_t c = c0; c < c1; c++) {
-            float bv = j->bias ? j->bias[g * coutg + c] : 0.0f;
-            for (size_t i = 0; i < pout; i++)
-                y[c * pout + i] = bv;
-        }
-        for (size_t q0 = 0; q0 < pin; q0 += j->qn) {
-            size_t qn = q0 + j->qn <= pin ? j->qn : pin - q0;
-            cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, (int)rows, (int)qn, (int)cing,
-                        1.0f, w, (int)(coutg * kv), x + q0, (int)pin, 0.0f, col, (int)qn);
-            for (size_t r = 0; r < rows; r++) {
-                size_t c = c0 + r / kv, kk = r % kv;
-                int64_t kz = (int64_t)(kk / (size_t)(k[1] * k[2]));
-                int64_t ky = (int64_t)(kk / (size_t)k[2] % (size_t)k[1]),
-                        kx = (int64_t)(kk % (size_t)k[2]);
-                float *yc = y + c * pout;
-                const float *cr = col + r * qn;
-                for (size_t q = 0; q < qn; q++) {
-                    size_t qi = q0 + q;
-                    int64_t iz = (int64_t)(qi / (size_t)(id[1] * id[2]));
-                    int64_t iy = (int64_t)(qi / (size_t)id[2] % (size_t)id[1]);
-                    int64_t ix = (int64_t)(qi % (size_t)id[2]);
-                    int64_t oz = iz * st[0] - pb[0] + kz * dl[0];
-                    int64_t oy = iy * st[1] - pb[1] + ky * dl[1];
-                    int64_t ox = ix * st[2] - pb[2] + kx * dl[2];
-                    if (oz < 0 || oz >= od[0] || oy < 0 || oy >= od[1] || ox < 0 || ox >= od[2])
-                        continue;
-                    yc[((size_t)oz * (size_t)od[1] + (size_t)oy) * (size_t)od[2] + (size_t)ox] +=
-                        cr[q];
-                }
-            }
-        }
-        if (s->a.act != NN_ACT_NONE)
-            for (size_t c = c0; c < c1; c++)
-                act_row(y + c * pout, pout, 0.0f, s->a.act, s->a.alpha);
-    }
-}
-
-static void run_convt(const cpu_bm *b, const nn_step *s, const nn_bind *bd)
-{
-    convt_job j = {.s = s,
-                   .x = bd->in[0],
-                   .w = bd->in[1],
-                   .bias = s->nin > 2 ? bd->in[2] : NULL,
-                   .y = bd->out,
-                   .scratch = bd->scratch};
-    size_t coutg = (size_t)(s->cout / s->group), kv = (size_t)(s->k[0] * s->k[1] * s->k[2]);
-    convt_dims(s, b->threads, &j.cb, &j.qn);
-    j.ncb = (coutg + j.cb - 1) / j.cb;
-    j.per_part = j.cb * kv * j.qn;
-    ref_run_units(b->threads, (size_t)s->n * (size_t)s->group * j.ncb, 1, convt_part, &j);
+    const cpu_step *c = s->bs;
+    return c && c->cl;
 }
 
 /* --- normalisation, activations ------------------------------------------------------------ */
@@ -326,6 +149,13 @@ static void affine_part(void *arg, int part, size_t begin, size_t end)
     const nn_step *s = j->s;
     (void)part;
     size_t C = (size_t)s->cin;
+    if (step_cl(s)) { /* units: positions, C channels each */
+        for (size_t u = begin; u < end; u++)
+            for (size_t c = 0; c < C; c++)
+                j->y[u * C + c] =
+                    act(j->x[u * C + c] * j->p1[c] + j->p1[C + c], s->a.act, s->a.alpha);
+        return;
+    }
     for (size_t u = begin; u < end; u++) {
         size_t c = u % C;
         const float *x = j->x + u * j->inner;
@@ -334,6 +164,183 @@ static void affine_part(void *arg, int part, size_t begin, size_t end)
         for (size_t i = 0; i < j->inner; i++)
             y[i] = act(x[i] * sc + sh, s->a.act, s->a.alpha);
     }
+}
+
+/* Four channels at a time, in GCC/Clang vector types (SSE on x86-64's baseline, which the
+ * compiler does not vectorise these loops into by itself); loads and stores through memcpy,
+ * so no alignment is assumed. */
+typedef float vf4 __attribute__((vector_size(16)));
+typedef int32_t vi4 __attribute__((vector_size(16)));
+
+static inline vf4 ld4(const float *p)
+{
+    vf4 v;
+    memcpy(&v, p, sizeof(v));
+    return v;
+}
+
+static inline void st4(float *p, vf4 v)
+{
+    memcpy(p, &v, sizeof(v));
+}
+
+/* y[c] = act(x[c] * sc[c] + sh[c]) for the n channels of one position. */
+static inline void norm_row(const float *x, float *y, size_t n, const float *sc, const float *sh,
+                            nn_act a, float alpha)
+{
+    size_t c = 0;
+    switch (a) {
+    case NN_ACT_LEAKY: /* as act(): NaN stays NaN */
+        for (; c + 4 <= n; c += 4) {
+            vf4 v = ld4(x + c) * ld4(sc + c) + ld4(sh + c);
+            vi4 neg = v < 0;
+            st4(y + c, (vf4)((neg & (vi4)(v * alpha)) | (~neg & (vi4)v)));
+        }
+        break;
+    case NN_ACT_RELU: /* as act(): NaN and negatives give +0 */
+        for (; c + 4 <= n; c += 4) {
+            vf4 v = ld4(x + c) * ld4(sc + c) + ld4(sh + c);
+            st4(y + c, (vf4)((v > 0) & (vi4)v));
+        }
+        break;
+    case NN_ACT_NONE:
+        for (; c + 4 <= n; c += 4)
+            st4(y + c, ld4(x + c) * ld4(sc + c) + ld4(sh + c));
+        break;
+    default:
+        break;
+    }
+    for (; c < n; c++)
+        y[c] = act(x[c] * sc[c] + sh[c], a, alpha);
+}
+
+/* Instance norm on the channels-last layout (N, positions, C): per sample the positions split
+ * into fixed chunks; pass 1 sums each chunk's values and squares per channel (shifted by the
+ * channel's first value; in float over runs of IN_RUN positions, then in double), the
+ * chunks are merged in order on the calling thread, pass 2 normalises and activates. Fixed
+ * chunks: the result does not depend on the thread count. */
+#define IN_RUN    16
+#define IN_TILE   64        /* channels summed at a time */
+#define IN_FLOATS (1 << 16) /* floats a chunk holds, about (256 KiB: an L2's share) */
+#define IN_PART   (1 << 18) /* floats a thread gets at least */
+
+typedef struct incl_job {
+    const nn_step *s;
+    const float *x;
+    float *y;
+    size_t P, C, cp, nch; /* positions, channels, positions a chunk, chunks a sample */
+    double *part;         /* per unit: C sums, then C sums of squares */
+    const float *sc, *sh; /* per (n, c): y = act(x * sc + sh) */
+} incl_job;
+
+static size_t incl_chunk(size_t C)
+{
+    size_t cp = IN_FLOATS / (C ? C : 1) / IN_RUN * IN_RUN;
+    return cp < IN_RUN ? IN_RUN : cp;
+}
+
+static void incl_stats_part(void *arg, int part, size_t begin, size_t end)
+{
+    const incl_job *j = arg;
+    size_t C = j->C;
+    (void)part;
+    for (size_t u = begin; u < end; u++) {
+        size_t n = u / j->nch, p0 = u % j->nch * j->cp;
+        size_t p1 = p0 + j->cp < j->P ? p0 + j->cp : j->P;
+        const float *xn = j->x + n * j->P * C; /* position 0: the shift */
+        double *out = j->part + u * 2 * C;
+        for (size_t c0 = 0; c0 < C; c0 += IN_TILE) {
+            size_t cw = C - c0 < IN_TILE ? C - c0 : IN_TILE;
+            double sd[IN_TILE] = {0}, qd[IN_TILE] = {0};
+            for (size_t p = p0; p < p1; p += IN_RUN) {
+                float fs[IN_TILE] = {0}, fq[IN_TILE] = {0};
+                size_t pe = p + IN_RUN < p1 ? p + IN_RUN : p1;
+                for (size_t i = p; i < pe; i++) {
+                    const float *r = xn + i * C + c0, *r0 = xn + c0;
+                    size_t c = 0;
+                    for (; c + 4 <= cw; c += 4) {
+                        vf4 d = ld4(r + c) - ld4(r0 + c);
+                        st4(fs + c, ld4(fs + c) + d);
+                        st4(fq + c, ld4(fq + c) + d * d);
+                    }
+                    for (; c < cw; c++) {
+                        float d = r[c] - r0[c];
+                        fs[c] += d;
+                        fq[c] += d * d;
+                    }
+                }
+                for (size_t c = 0; c < cw; c++) {
+                    sd[c] += fs[c];
+                    qd[c] += fq[c];
+                }
+            }
+            for (size_t c = 0; c < cw; c++) {
+                out[c0 + c] = sd[c];
+                out[C + c0 + c] = qd[c];
+            }
+        }
+    }
+}
+
+static void incl_norm_part(void *arg, int part, size_t begin, size_t end)
+{
+    const incl_job *j = arg;
+    const nn_step *s = j->s;
+    size_t C = j->C;
+    (void)part;
+    for (size_t u = begin; u < end; u++) {
+        size_t n = u / j->nch, p0 = u % j->nch * j->cp;
+        size_t p1 = p0 + j->cp < j->P ? p0 + j->cp : j->P;
+        for (size_t p = p0; p < p1; p++)
+            norm_row(j->x + (n * j->P + p) * C, j->y + (n * j->P + p) * C, C, j->sc + n * C,
+                     j->sh + n * C, s->a.act, s->a.alpha);
+    }
+}
+
+/* Scratch of the channels-last instance norm: the chunks' sums, then sc and sh. */
+static size_t incl_scratch(const nn_step *s)
+{
+    size_t P = (size_t)s->inner, C = (size_t)s->cin, cp = incl_chunk(C);
+    size_t nch = (P + cp - 1) / cp;
+    return (size_t)s->n * nch * 2 * C * sizeof(double) + 2 * (size_t)s->n * C * sizeof(float);
+}
+
+static void run_inorm_cl(const cpu_bm *b, const nn_step *s, const nn_bind *bd)
+{
+    size_t P = (size_t)s->inner, C = (size_t)s->cin, N = (size_t)s->n, cp = incl_chunk(C);
+    size_t nch = (P + cp - 1) / cp;
+    double *part = bd->scratch;
+    void *after = part + N * nch * 2 * C; /* sc, sh: floats after the doubles */
+    float *sc = after, *sh = sc + N * C;
+    incl_job j = {.s = s,
+                  .x = bd->in[0],
+                  .y = bd->out,
+                  .P = P,
+                  .C = C,
+                  .cp = cp,
+                  .nch = nch,
+                  .part = part,
+                  .sc = sc,
+                  .sh = sh};
+    const float *gamma = bd->in[1], *beta = bd->in[2];
+
+    /* a part per IN_PART floats at least: below that a thread costs more than it saves */
+    size_t per = (P < cp ? P : cp) * C, min_units = (IN_PART + per - 1) / (per ? per : 1);
+    par_units(b->threads, N * nch, min_units, incl_stats_part, &j);
+    for (size_t n = 0; n < N; n++)
+        for (size_t c = 0; c < C; c++) {
+            double sum = 0, sq = 0;
+            for (size_t ch = 0; ch < nch; ch++) {
+                sum += part[(n * nch + ch) * 2 * C + c];
+                sq += part[(n * nch + ch) * 2 * C + C + c];
+            }
+            double dm = sum / (double)P, var = sq / (double)P - dm * dm;
+            double mean = (double)j.x[n * P * C + c] + dm;
+            float scale = (float)((double)gamma[c] / sqrt((var > 0 ? var : 0) + (double)s->a.eps));
+            sc[n * C + c] = scale;
+            sh[n * C + c] = (float)((double)beta[c] - mean * (double)scale);
+        }
+    par_units(b->threads, N * nch, min_units, incl_norm_part, &j);
 }
 
 static void act_part(void *arg, int part, size_t begin, size_t end)
@@ -427,7 +434,7 @@ static void run_binary(const cpu_bm *b, const nn_step *s, const nn_bind *bd)
     if (!count)
         return;
     size_t rows = count / (size_t)j.d[j.r - 1];
-    ref_run_units(b->threads, rows, (size_t)(4096 / j.d[j.r - 1]) + 1, bin_part, &j);
+    par_units(b->threads, rows, (size_t)(4096 / j.d[j.r - 1]) + 1, bin_part, &j);
 }
 
 /* --- concat, softmax, argmax --------------------------------------------------------------- */
@@ -450,6 +457,24 @@ static void cat_part(void *arg, int part, size_t begin, size_t end)
             size_t blk = (size_t)s->in[k].sh.d[ax] * (size_t)s->inner;
             memcpy(dst, j->in[k] + o * blk, blk * sizeof(float));
             dst += blk;
+        }
+    }
+}
+
+/* Channel concat of channels-last tensors: units are positions (n, p), each gathering its
+ * channels from every input in turn. */
+static void cat_cl_part(void *arg, int part, size_t begin, size_t end)
+{
+    const cat_job *j = arg;
+    const nn_step *s = j->s;
+    size_t total = (size_t)s->out.sh.d[1];
+    (void)part;
+    for (size_t u = begin; u < end; u++) {
+        float *dst = j->y + u * total;
+        for (int k = 0; k < s->nin; k++) {
+            size_t ck = (size_t)s->in[k].sh.d[1];
+            memcpy(dst, j->in[k] + u * ck, ck * sizeof(float));
+            dst += ck;
         }
     }
 }
@@ -701,7 +726,7 @@ static lc_rc run_resize(const cpu_bm *b, const nn_step *s, const nn_bind *bd, lc
         }
         at += (size_t)out;
     }
-    ref_run_units(b->threads, (size_t)(s->n * s->cin * s->od[0]), 1, rs_part, &j);
+    par_units(b->threads, (size_t)(s->n * s->cin * s->od[0]), 1, rs_part, &j);
     free(ib);
     free(tb);
     return LC_OK;
@@ -709,27 +734,137 @@ static lc_rc run_resize(const cpu_bm *b, const nn_step *s, const nn_bind *bd, lc
 
 /* --- the backend table ---------------------------------------------------------------------- */
 
-static lc_rc cpu_prepare(void *bm, nn_step *s, lc_err *err)
+static int same_shape(const nn_shape *a, const nn_shape *b)
 {
-    const cpu_bm *b = bm;
-    (void)err;
-    s->scratch = 0;
-    if (s->op == NN_OP_CONV && !pointwise(s)) {
-        size_t K, P, cn;
-        conv_dims(s, b->threads, &K, &P, &cn);
-        s->scratch = (size_t)b->threads * K * cn * sizeof(float);
-    } else if (s->op == NN_OP_CONVT) {
-        size_t cb, qn, kv = (size_t)(s->k[0] * s->k[1] * s->k[2]);
-        convt_dims(s, b->threads, &cb, &qn);
-        s->scratch = (size_t)b->threads * cb * kv * qn * sizeof(float);
+    return a->rank == b->rank && memcmp(a->d, b->d, (size_t)a->rank * sizeof(int64_t)) == 0;
+}
+
+/* Steps that work on either layout, their output in the layout of their data inputs. */
+static int passes_layout(const nn_step *s)
+{
+    switch (s->op) {
+    case NN_OP_INORM:
+    case NN_OP_BNORM:
+    case NN_OP_RELU:
+    case NN_OP_LEAKY:
+    case NN_OP_SIGMOID:
+    case NN_OP_ADD:
+    case NN_OP_SUB:
+    case NN_OP_MUL:
+    case NN_OP_DIV:
+        return 1;
+    case NN_OP_CONCAT:
+        return s->a.axis == 1;
+    default:
+        return 0;
     }
-    return LC_OK;
+}
+
+/* Inputs holding activations (the others are parameters: norms' scales and shifts). */
+static int data_input(const nn_step *s, int k)
+{
+    return k == 0 || s->op == NN_OP_CONCAT ||
+           (s->op >= NN_OP_ADD && s->op <= NN_OP_DIV && s->op != NN_OP_PRELU);
+}
+
+/* Whether step s may write its output channels-last: a convolution, or a layout-passing
+ * step whose activation operands all have the output's shape (but for the concat axis). */
+static int may_cl(const nn_step *s)
+{
+    const nn_shape *o = &s->out.sh;
+    if (o->rank < 3 || o->rank > 5 || nn_shape_count(o) == 0)
+        return 0;
+    if (s->op == NN_OP_CONV || s->op == NN_OP_CONVT)
+        return 1;
+    if (!passes_layout(s))
+        return 0;
+    for (int k = 0; k < s->nin; k++)
+        if (data_input(s, k) &&
+            (s->in[k].is_const || (s->op != NN_OP_CONCAT && !same_shape(&s->in[k].sh, o))))
+            return 0;
+    return 1;
+}
+
+/* Output layouts: channels-last where may_cl allows, then made plain until consistent: a
+ * step reading a channels-last output must take it as is (a convolution's input, or a
+ * channels-last layout-passing step, with the producer's shape: no view between), a
+ * layout-passing step is channels-last only if all its data inputs are, and the graph
+ * output is plain. */
+static void choose_layouts(const nn_plan *p, int *cl)
+{
+    size_t n = p->nsteps;
+    for (size_t i = 0; i < n; i++)
+        cl[i] = may_cl(&p->steps[i]);
+    for (size_t i = n; i-- > 0;)
+        if (p->steps[i].out.off == p->out_off) { /* the last writer of the output buffer */
+            cl[i] = 0;
+            break;
+        }
+    for (int changed = 1; changed;) {
+        changed = 0;
+        for (size_t j = 0; j < n; j++) {
+            const nn_step *s = &p->steps[j];
+            int conv = s->op == NN_OP_CONV || s->op == NN_OP_CONVT, pass = passes_layout(s);
+            for (int k = 0; k < s->nin; k++) {
+                if (s->in[k].is_const || !data_input(s, k))
+                    continue;
+                int i = s->in[k].from;
+                int same = i >= 0 && same_shape(&s->in[k].sh, &p->steps[i].out.sh);
+                int takes = same && ((conv && k == 0) || (pass && cl[j]));
+                if (i >= 0 && cl[i] && !takes) {
+                    cl[i] = 0;
+                    changed = 1;
+                }
+                if (pass && cl[j] && !(i >= 0 && cl[i] && same)) {
+                    cl[j] = 0;
+                    changed = 1;
+                }
+            }
+        }
+    }
 }
 
 static void cpu_release(void *bm, nn_step *s)
 {
-    (void)bm;
-    (void)s;
+    cpu_step *c = s->bs;
+    if (c)
+        nn_dnnl_conv_free(((cpu_bm *)bm)->dn, c->conv);
+    free(c);
+    s->bs = NULL;
+}
+
+static lc_rc cpu_prepare_plan(void *bm, nn_plan *p, lc_err *err)
+{
+    cpu_bm *b = bm;
+    int *cl = calloc(p->nsteps + 1, sizeof(int));
+    lc_rc rc = LC_OK;
+
+    if (!cl)
+        return lc_err_set(err, LC_ERR_NOMEM, "out of memory");
+    choose_layouts(p, cl);
+    for (size_t i = 0; i < p->nsteps && rc == LC_OK; i++) {
+        nn_step *s = &p->steps[i];
+        int conv = s->op == NN_OP_CONV || s->op == NN_OP_CONVT;
+        s->scratch = 0;
+        if (!conv && !cl[i])
+            continue;
+        cpu_step *c = calloc(1, sizeof(*c));
+        if (!c) {
+            rc = lc_err_set(err, LC_ERR_NOMEM, "out of memory");
+            break;
+        }
+        c->cl = cl[i];
+        s->bs = c;
+        if (conv) {
+            int from = s->in[0].from;
+            rc = nn_dnnl_conv_new(b->dn, s, from >= 0 && cl[from], cl[i], &c->conv, &s->scratch,
+                                  err);
+        } else if (s->op == NN_OP_INORM) {
+            s->scratch = incl_scratch(s);
+        }
+    }
+    free(cl);
+    return rc;
 }
 
 static lc_rc cpu_run(void *bm, const nn_step *s, const nn_bind *bd, lc_err *err)
@@ -740,26 +875,29 @@ static lc_rc cpu_run(void *bm, const nn_step *s, const nn_bind *bd, lc_err *err)
 
     switch (s->op) {
     case NN_OP_CONV:
-        run_conv(b, s, bd);
-        return LC_OK;
     case NN_OP_CONVT:
-        run_convt(b, s, bd);
-        return LC_OK;
+        return nn_dnnl_conv_run(b->dn, ((const cpu_step *)s->bs)->conv, s, bd->in[0], bd->out,
+                                bd->scratch, err);
     case NN_OP_INORM:
+        if (step_cl(s)) {
+            run_inorm_cl(b, s, bd);
+            return LC_OK;
+        }
         e.p1 = bd->in[1];
         e.p2 = bd->in[2];
         e.inner = (size_t)s->inner;
-        ref_run_units(b->threads, (size_t)(s->n * s->cin), 1, inorm_part, &e);
+        par_units(b->threads, (size_t)(s->n * s->cin), 1, inorm_part, &e);
         return LC_OK;
     case NN_OP_BNORM:
         e.p1 = bd->in[1];
         e.inner = (size_t)s->inner;
-        ref_run_units(b->threads, (size_t)(s->n * s->cin), 1, affine_part, &e);
+        par_units(b->threads, (size_t)(s->n * (step_cl(s) ? s->inner : s->cin)),
+                  step_cl(s) ? 1024 : 1, affine_part, &e);
         return LC_OK;
     case NN_OP_RELU:
     case NN_OP_LEAKY:
     case NN_OP_SIGMOID:
-        ref_run(b->threads, count, act_part, &e);
+        par_voxels(b->threads, count, act_part, &e);
         return LC_OK;
     case NN_OP_PRELU:
     case NN_OP_ADD:
@@ -770,24 +908,27 @@ static lc_rc cpu_run(void *bm, const nn_step *s, const nn_bind *bd, lc_err *err)
         return LC_OK;
     case NN_OP_CONCAT: {
         cat_job j = {.s = s, .in = bd->in, .y = bd->out};
-        ref_run_units(b->threads, (size_t)s->outer, 1, cat_part, &j);
+        if (step_cl(s))
+            par_units(b->threads, (size_t)(s->outer * s->inner), 1024, cat_cl_part, &j);
+        else
+            par_units(b->threads, (size_t)s->outer, 1, cat_part, &j);
         return LC_OK;
     }
     case NN_OP_SOFTMAX: {
         red_job j = {.s = s, .x = bd->in[0], .y = bd->out};
         j.nblk = ((size_t)s->inner + SM_BLOCK - 1) / SM_BLOCK;
-        ref_run_units(b->threads, (size_t)s->outer * j.nblk, 1, softmax_part, &j);
+        par_units(b->threads, (size_t)s->outer * j.nblk, 1, softmax_part, &j);
         return LC_OK;
     }
     case NN_OP_ARGMAX: {
         red_job j = {.s = s, .x = bd->in[0], .y = bd->out};
-        ref_run_units(b->threads, (size_t)(s->outer * s->inner), 1024, argmax_part, &j);
+        par_units(b->threads, (size_t)(s->outer * s->inner), 1024, argmax_part, &j);
         return LC_OK;
     }
     case NN_OP_MAXPOOL:
     case NN_OP_AVGPOOL:
     case NN_OP_GAP:
-        ref_run_units(b->threads, (size_t)(s->n * s->cin * s->od[0]), 1, pool_part, &e);
+        par_units(b->threads, (size_t)(s->n * s->cin * s->od[0]), 1, pool_part, &e);
         return LC_OK;
     case NN_OP_RESIZE:
         return run_resize(b, s, bd, err);
@@ -844,7 +985,7 @@ static lc_rc cpu_win_crop(void *bm, const float *img, const nn_patch *p, float *
     const cpu_bm *b = bm;
     win_job j = {.p = p, .img = img, .dst = dst};
     (void)err;
-    ref_run_units(b->threads, (size_t)p->ps[0], 1, crop_part, &j);
+    par_units(b->threads, (size_t)p->ps[0], 1, crop_part, &j);
     return LC_OK;
 }
 
@@ -915,7 +1056,7 @@ static lc_rc cpu_win_accum(void *bm, const float *logits, int nc, int softmax, c
                  .nc = nc,
                  .softmax = softmax,
                  .w = w};
-    ref_run_units(b->threads, (size_t)p->ps[0], 1, accum_part, &j);
+    par_units(b->threads, (size_t)p->ps[0], 1, accum_part, &j);
     return LC_OK;
 }
 
@@ -950,7 +1091,7 @@ static lc_rc cpu_win_finish(void *bm, float *acc, const float *wsum, int nc, siz
                  .probs = probs,
                  .labels = labels};
     (void)err;
-    ref_run(b->threads, nvox, finish_part, &j);
+    par_voxels(b->threads, nvox, finish_part, &j);
     return LC_OK;
 }
 
@@ -958,7 +1099,7 @@ const nn_backend nn_cpu_backend = {
     .name = "cpu",
     .model_open = cpu_open,
     .model_close = cpu_close,
-    .prepare = cpu_prepare,
+    .prepare = NULL, /* prepare_plan */
     .release = cpu_release,
     .run = cpu_run,
     .win_crop = cpu_win_crop,
@@ -966,4 +1107,5 @@ const nn_backend nn_cpu_backend = {
     .win_finish = cpu_win_finish,
     .sync = NULL,
     .set_half = NULL,
+    .prepare_plan = cpu_prepare_plan,
 };

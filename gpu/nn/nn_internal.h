@@ -28,6 +28,10 @@ extern "C" {
 #define NN_MAX_PLANS 8
 /* Offsets in the activation arena are multiples of this (cache lines; CUDA's 256 bytes). */
 #define NN_ALIGN 256
+/* The arena, the scratch and the CPU's reordered weights start at multiples of this (host
+ * malloc gives 16 bytes; vector loads across cache lines cost): they are allocated this much
+ * larger. */
+#define NN_MEM_ALIGN 64
 
 typedef enum nn_dtype {
     NN_F32 = 1,
@@ -193,6 +197,8 @@ typedef struct nn_arg {
     int is_const;
     size_t off;        /* arena byte offset (runtime values) */
     const float *cmem; /* constants: backend memory */
+    int from;          /* runtime values: the step writing them, -1 for the graph input (a view
+                        * has its producer's buffer under another shape); constants: -1 */
 } nn_arg;
 
 /* A step with its geometry resolved for one input shape. Spatial arrays are canonical 3D
@@ -285,6 +291,9 @@ typedef struct nn_backend {
     /* CUDA: tensor-core (FP16) convolution math on or off for steps prepared from now on;
      * NULL where everything is float32. */
     void (*set_half)(void *bm, int on);
+    /* Optional, replaces prepare: every step of p at once (the CPU chooses memory layouts
+     * across steps). The graph input and output buffers are plain C-order tensors. */
+    lc_rc (*prepare_plan)(void *bm, nn_plan *p, lc_err *err);
 } nn_backend;
 
 extern const nn_backend nn_cpu_backend;
@@ -304,8 +313,10 @@ struct gpu_nn_model {
     nn_plan *plans[NN_MAX_PLANS];
     int nplans;
     unsigned long tick;
-    void *arena, *scratch; /* backend memory, counted */
+    /* backend memory, counted: raw allocations and their NN_MEM_ALIGN-aligned starts */
+    void *arena_mem, *scratch_mem, *arena, *scratch;
     size_t arena_bytes, scratch_bytes;
+    int profile; /* RADPIPE_NN_PROFILE set: log each step's time */
 };
 
 /* nn_model.c: the cached plan for input shape in (built, and the arena grown, on first

@@ -11,6 +11,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 #include "lc/log.h"
 #include "nn_internal.h"
 
@@ -57,22 +58,38 @@ static lc_rc upload_weights(gpu_nn_model *m, lc_err *err)
     return LC_OK;
 }
 
+/* Backend memory of nbytes whose start *at is aligned to NN_MEM_ALIGN; *raw is what
+ * gpu_mem_release takes, with nbytes + NN_MEM_ALIGN. */
+static lc_rc alloc_aligned(gpu_ctx *ctx, size_t nbytes, void **raw, void **at, lc_err *err)
+{
+    lc_rc rc = gpu_mem_alloc(ctx, nbytes + NN_MEM_ALIGN, 0, raw, err);
+    if (rc != LC_OK)
+        return rc;
+    uintptr_t a = ((uintptr_t)*raw + NN_MEM_ALIGN - 1) & ~(uintptr_t)(NN_MEM_ALIGN - 1);
+    *at = (char *)*raw + (a - (uintptr_t)*raw);
+    return LC_OK;
+}
+
+static void release_aligned(gpu_ctx *ctx, void **raw, void **at, size_t *nbytes)
+{
+    if (*raw)
+        gpu_mem_release(ctx, *raw, *nbytes + NN_MEM_ALIGN);
+    *raw = *at = NULL;
+    *nbytes = 0;
+}
+
 /* Grow the shared arena and scratch to what plan p needs. */
 static lc_rc fit_memory(gpu_nn_model *m, const nn_plan *p, lc_err *err)
 {
     if (p->arena_bytes > m->arena_bytes) {
-        gpu_mem_release(m->ctx, m->arena, m->arena_bytes);
-        m->arena = NULL;
-        m->arena_bytes = 0;
-        if (gpu_mem_alloc(m->ctx, p->arena_bytes, 0, &m->arena, err) != LC_OK)
+        release_aligned(m->ctx, &m->arena_mem, &m->arena, &m->arena_bytes);
+        if (alloc_aligned(m->ctx, p->arena_bytes, &m->arena_mem, &m->arena, err) != LC_OK)
             return lc_err_wrap(err, "could not allocate the model's activations");
         m->arena_bytes = p->arena_bytes;
     }
     if (p->scratch_bytes > m->scratch_bytes) {
-        gpu_mem_release(m->ctx, m->scratch, m->scratch_bytes);
-        m->scratch = NULL;
-        m->scratch_bytes = 0;
-        if (gpu_mem_alloc(m->ctx, p->scratch_bytes, 0, &m->scratch, err) != LC_OK)
+        release_aligned(m->ctx, &m->scratch_mem, &m->scratch, &m->scratch_bytes);
+        if (alloc_aligned(m->ctx, p->scratch_bytes, &m->scratch_mem, &m->scratch, err) != LC_OK)
             return lc_err_wrap(err, "could not allocate the model's scratch memory");
         m->scratch_bytes = p->scratch_bytes;
     }
@@ -127,10 +144,19 @@ static float *at(void *base, size_t off)
     return p;
 }
 
-/* Run plan p on what is in its input buffer; the output stays in the arena. */
+static double now_ms(void)
+{
+    struct timespec t;
+    clock_gettime(CLOCK_MONOTONIC, &t);
+    return (double)t.tv_sec * 1e3 + (double)t.tv_nsec / 1e6;
+}
+
+/* Run plan p on what is in its input buffer; the output stays in the arena. With
+ * RADPIPE_NN_PROFILE set, each step's time is logged (queued work waited for). */
 lc_rc nn_model_run(gpu_nn_model *m, const nn_plan *p, lc_err *err)
 {
     const float *ins[64];
+    char sh[96];
     for (size_t i = 0; i < p->nsteps; i++) {
         const nn_step *s = &p->steps[i];
         if (s->nin > 64)
@@ -141,9 +167,17 @@ lc_rc nn_model_run(gpu_nn_model *m, const nn_plan *p, lc_err *err)
                      .out = at(m->arena, s->out.off),
                      .scratch = m->scratch,
                      .scratch_bytes = m->scratch_bytes};
+        double t0 = m->profile ? now_ms() : 0;
         lc_rc rc = m->be->run(m->bm, s, &b, err);
+        if (rc == LC_OK && m->profile && m->be->sync)
+            rc = m->be->sync(m->bm, err);
         if (rc != LC_OK)
             return lc_err_wrap(err, "node \"%s\" (%s)", nn_node_label(s->node), s->node->op_type);
+        if (m->profile)
+            lc_log_info("nn step", LC_LI("step", i), LC_LS("node", nn_node_label(s->node)),
+                        LC_LS("op", s->node->op_type),
+                        LC_LS("out", nn_shape_str(&s->out.sh, sh, sizeof(sh))),
+                        LC_LD("ms", now_ms() - t0));
     }
     return LC_OK;
 }
@@ -243,6 +277,7 @@ lc_rc gpu_nn_load(gpu_ctx *ctx, const void *onnx, size_t len, const gpu_nn_opts 
         return lc_err_set(err, LC_ERR_NOMEM, "could not allocate a model");
     m->ctx = ctx;
     m->be = backend_of(ctx);
+    m->profile = getenv("RADPIPE_NN_PROFILE") != NULL;
     if (!m->be) {
         free(m);
         return lc_err_set(err, LC_ERR_UNSUPPORTED, "no inference backend for this context");
@@ -346,8 +381,8 @@ void gpu_nn_free(gpu_nn_model *m)
         return;
     drop_plans(m);
     if (m->ctx) {
-        gpu_mem_release(m->ctx, m->arena, m->arena_bytes);
-        gpu_mem_release(m->ctx, m->scratch, m->scratch_bytes);
+        release_aligned(m->ctx, &m->arena_mem, &m->arena, &m->arena_bytes);
+        release_aligned(m->ctx, &m->scratch_mem, &m->scratch, &m->scratch_bytes);
         for (size_t i = 0; i < m->g.nvals; i++)
             gpu_mem_release(m->ctx, m->g.vals[i].mem, m->g.vals[i].mem_bytes);
     }

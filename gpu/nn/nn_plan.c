@@ -144,9 +144,11 @@ static lc_rc bind_arg(pctx *c, const nn_node *n, int vi, nn_arg *a)
 {
     pval *v = &c->pv[vi];
     a->sh = v->sh;
+    a->from = -1;
     if (v->kind == PV_RT) {
         a->is_const = 0;
-        a->off = (size_t)v->buf; /* buffer index for now; offsets once placed */
+        a->off = (size_t)v->buf;         /* buffer index for now; offsets once placed */
+        a->from = c->bufs[v->buf].first; /* its writer, until place() moves lifetimes */
         return LC_OK;
     }
     a->is_const = 1;
@@ -900,8 +902,10 @@ lc_rc nn_plan_build(gpu_nn_model *m, const nn_shape *in, nn_plan **out, lc_err *
     p->out_count = nn_shape_count(&ov->sh);
     if ((rc = place(&c, in_buf, ov->buf)) != LC_OK)
         goto out;
+    if (m->be->prepare_plan && (rc = m->be->prepare_plan(m->bm, p, err)) != LC_OK)
+        goto out;
     for (size_t i = 0; i < p->nsteps; i++) {
-        if ((rc = m->be->prepare(m->bm, &p->steps[i], err)) != LC_OK)
+        if (!m->be->prepare_plan && (rc = m->be->prepare(m->bm, &p->steps[i], err)) != LC_OK)
             goto out;
         if (p->steps[i].scratch > p->scratch_bytes)
             p->scratch_bytes = p->steps[i].scratch;

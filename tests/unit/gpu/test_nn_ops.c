@@ -1438,6 +1438,166 @@ static void test_planner(void **state)
     mb_free(b);
 }
 
+/* Steps between convolutions keep the channels-last layout the CPU gives them (gpu/nn/nn_cpu.h):
+ * instance norm with LeakyReLU (70 channels: tiles and tails; 1200 positions: two chunks; a
+ * batch of two), a standalone batch norm, a 1x1 convolution, a convolution of the (plain) graph
+ * input, channel concat, a ReLU whose input lives on, an in-place Add, a ConvTranspose with a
+ * fused Sigmoid whose output is the graph's through a Reshape (so it must be plain), all
+ * against direct loops. */
+static void test_channels_last(void **state)
+{
+    (void)state;
+    enum { N = 2, CI = 3, C = 70, CB = 6, CT = 4 };
+    int64_t in[5] = {N, CI, 6, 10, 20}, w0d[5] = {C, CI, 3, 3, 3}, w1d[5] = {CB, C, 1, 1, 1};
+    int64_t w2d[5] = {CB, CI, 3, 3, 3}, wtd[5] = {2 * CB, CT, 2, 2, 2}, cd = C, cbd = CB, ctd = CT,
+            shp[4] = {N, CT, 12, 20 * 40}, shd = 4, osh[GPU_NN_MAX_RANK];
+    size_t P = 6 * 10 * 20, nx = N * CI * P, na = N * C * P, nb = N * CB * P;
+    size_t ny = N * CT * 8 * P, on;
+    float *x = rand_buf(nx), *w0 = rand_buf(C * CI * 27), *b0 = rand_buf(C), *w1 = rand_buf(CB * C),
+          *w2 = rand_buf(CB * CI * 27), *b2 = rand_buf(CB), *wt = rand_buf(2 * CB * CT * 8),
+          *bt = rand_buf(CT), *isc = rand_buf(C), *ibi = rand_buf(C), *bg = rand_buf(C),
+          *bb = rand_buf(C), *bm = rand_buf(C), *bv = rand_buf(C);
+    for (int c = 0; c < C; c++)
+        bv[c] = 0.5f + fabsf(bv[c]);
+    mb *b = mb_new(13);
+    mb_input(b, "x", 5, in);
+    mb_init_f(b, "w0", 5, w0d, w0, 1);
+    mb_init_f(b, "b0", 1, &cd, b0, 0);
+    mb_init_f(b, "is", 1, &cd, isc, 1);
+    mb_init_f(b, "ib", 1, &cd, ibi, 0);
+    mb_init_f(b, "bg", 1, &cd, bg, 1);
+    mb_init_f(b, "bb", 1, &cd, bb, 0);
+    mb_init_f(b, "bm", 1, &cd, bm, 1);
+    mb_init_f(b, "bv", 1, &cd, bv, 0);
+    mb_init_f(b, "w1", 5, w1d, w1, 1);
+    mb_init_f(b, "w2", 5, w2d, w2, 0);
+    mb_init_f(b, "b2", 1, &cbd, b2, 1);
+    mb_init_f(b, "wt", 5, wtd, wt, 1);
+    mb_init_f(b, "bt", 1, &ctd, bt, 0);
+    mb_init_i(b, "shape", (size_t)shd, shp);
+    Onnx__NodeProto *n = mb_node(b, "Conv", "conv0", "x w0 b0", "a");
+    at_ints(b, n, "pads", 6, I(1), I(1), I(1), I(1), I(1), I(1));
+    at_f(b, mb_node(b, "InstanceNormalization", "in", "a is ib", "a1"), "epsilon", 1e-5f);
+    at_f(b, mb_node(b, "LeakyRelu", "lrelu", "a1", "a2"), "alpha", 0.1f);
+    at_f(b, mb_node(b, "BatchNormalization", "bn", "a2 bg bb bm bv", "a3"), "epsilon", 1e-5f);
+    mb_node(b, "Conv", "conv1", "a3 w1", "bo");
+    n = mb_node(b, "Conv", "conv2", "x w2 b2", "c");
+    at_ints(b, n, "pads", 6, I(1), I(1), I(1), I(1), I(1), I(1));
+    at_i(b, mb_node(b, "Concat", "cat", "bo c", "d"), "axis", 1);
+    mb_node(b, "Relu", "relu", "d", "e");
+    mb_node(b, "Add", "add", "d e", "f");
+    n = mb_node(b, "ConvTranspose", "up", "f wt bt", "g");
+    at_ints(b, n, "strides", 3, I(2), I(2), I(2));
+    mb_node(b, "Sigmoid", "sig", "g", "g1");
+    mb_node(b, "Reshape", "flat", "g1 shape", "y");
+    mb_output(b, "y");
+    float *y = run(b, x, 5, in, osh, &on);
+    assert_int_equal(on, ny);
+    assert_int_equal(osh[3], 20 * 40);
+
+    float *a = malloc(na * sizeof(float)), *bo = malloc(nb * sizeof(float)),
+          *c = malloc(nb * sizeof(float)), *f = malloc(2 * nb * sizeof(float)),
+          *ref = malloc(ny * sizeof(float));
+    assert_true(a && bo && c && f && ref);
+    geo q = mkgeo(N, CI, C, 1, G3(6, 10, 20), G3(3, 3, 3), G3(1, 1, 1), G3(1, 1, 1), G3(1, 1, 1),
+                  G3(1, 1, 1));
+    memcpy(q.od, q.id, sizeof(q.od));
+    conv_ref(&q, x, w0, b0, a);
+    for (size_t u = 0; u < N * C; u++) {
+        size_t ch = u % C;
+        double m = 0, v = 0;
+        for (size_t i = 0; i < P; i++)
+            m += a[u * P + i];
+        m /= (double)P;
+        for (size_t i = 0; i < P; i++)
+            v += (a[u * P + i] - m) * (a[u * P + i] - m);
+        v /= (double)P;
+        for (size_t i = 0; i < P; i++) {
+            double t = (a[u * P + i] - m) / sqrt(v + 1e-5) * isc[ch] + ibi[ch];
+            t = t < 0 ? 0.1 * t : t;
+            a[u * P + i] = (float)((t - bm[ch]) / sqrt((double)bv[ch] + 1e-5) * bg[ch] + bb[ch]);
+        }
+    }
+    q.ci = C;
+    q.co = CB;
+    memcpy(q.k, G3(1, 1, 1), sizeof(q.k));
+    memcpy(q.pb, G3(0, 0, 0), sizeof(q.pb));
+    memcpy(q.pe, G3(0, 0, 0), sizeof(q.pe));
+    conv_ref(&q, a, w1, NULL, bo);
+    q.ci = CI;
+    memcpy(q.k, G3(3, 3, 3), sizeof(q.k));
+    memcpy(q.pb, G3(1, 1, 1), sizeof(q.pb));
+    memcpy(q.pe, G3(1, 1, 1), sizeof(q.pe));
+    conv_ref(&q, x, w2, b2, c);
+    for (size_t k = 0; k < N; k++) {
+        memcpy(f + 2 * k * CB * P, bo + k * CB * P, CB * P * sizeof(float));
+        memcpy(f + (2 * k + 1) * CB * P, c + k * CB * P, CB * P * sizeof(float));
+    }
+    for (size_t i = 0; i < 2 * nb; i++)
+        f[i] += f[i] > 0 ? f[i] : 0;
+    geo t = mkgeo(N, 2 * CB, CT, 1, G3(6, 10, 20), G3(2, 2, 2), G3(2, 2, 2), G3(1, 1, 1),
+                  G3(0, 0, 0), G3(0, 0, 0));
+    memcpy(t.od, G3(12, 20, 40), sizeof(t.od));
+    convt_ref(&t, f, wt, bt, ref);
+    for (size_t i = 0; i < ny; i++)
+        ref[i] = 1.0f / (1.0f + expf(-ref[i]));
+    expect_close(y, ref, ny, 1e-5, "channels-last chain");
+    float *bufs[] = {x, w0, b0, w1, w2, b2, wt, bt, isc, ibi, bg, bb, bm, bv, y, a, bo, c, f, ref};
+    for (size_t i = 0; i < sizeof(bufs) / sizeof(bufs[0]); i++)
+        free(bufs[i]);
+    mb_free(b);
+}
+
+/* A model with free spatial sizes planned for two shapes: both plans right (their steps share
+ * the weights the CPU reorders once), and freeing the model returns every counted byte. */
+static void test_plans_of_two_shapes(void **state)
+{
+    (void)state;
+    int64_t in[5] = {1, 4, -1, -1, -1}, wd[5] = {16, 4, 3, 3, 3}, bd = 16, osh[GPU_NN_MAX_RANK];
+    const int64_t sizes[3][3] = {{4, 6, 8}, {5, 3, 7}, {4, 6, 8}};
+    float *w = rand_buf(16 * 4 * 27), *bias = rand_buf(16);
+    mb *b = mb_new(13);
+    mb_input(b, "x", 5, in);
+    mb_init_f(b, "w", 5, wd, w, 1);
+    mb_init_f(b, "b", 1, &bd, bias, 0);
+    Onnx__NodeProto *n = mb_node(b, "Conv", "conv", "x w b", "a");
+    at_ints(b, n, "pads", 6, I(1), I(1), I(1), I(1), I(1), I(1));
+    mb_node(b, "Relu", "relu", "a", "y");
+    mb_output(b, "y");
+    gpu_mem_stats st;
+    gpu_ctx_memory(g_ctx, &st);
+    size_t before = st.used;
+    gpu_nn_model *m = NULL;
+    lc_err err = {0};
+    if (load(b, g_ctx, &m, &err) != LC_OK)
+        fail_msg("%s", lc_err_msg(&err));
+    for (int t = 0; t < 3; t++) {
+        int64_t sh[5] = {1, 4, sizes[t][0], sizes[t][1], sizes[t][2]};
+        size_t nx = dims_count(5, sh), ny = nx * 4;
+        float *x = rand_buf(nx), *y = malloc(ny * sizeof(float)), *ref = malloc(ny * sizeof(float));
+        assert_true(y && ref);
+        if (gpu_nn_forward(m, x, sh, 5, y, ny, osh, &err) != LC_OK)
+            fail_msg("%s", lc_err_msg(&err));
+        geo q = mkgeo(1, 4, 16, 1, sizes[t], G3(3, 3, 3), G3(1, 1, 1), G3(1, 1, 1), G3(1, 1, 1),
+                      G3(1, 1, 1));
+        memcpy(q.od, q.id, sizeof(q.od));
+        conv_ref(&q, x, w, bias, ref);
+        for (size_t i = 0; i < ny; i++)
+            ref[i] = ref[i] > 0 ? ref[i] : 0;
+        expect_close(y, ref, ny, 1e-5, "one of two plans");
+        free(x);
+        free(y);
+        free(ref);
+    }
+    assert_int_equal(m->nplans, 2);
+    gpu_nn_free(m);
+    gpu_ctx_memory(g_ctx, &st);
+    assert_int_equal(st.used, before);
+    free(w);
+    free(bias);
+    mb_free(b);
+}
+
 /* --- sliding window ------------------------------------------------------------------------------
  */
 
@@ -1775,6 +1935,8 @@ int main(void)
         cmocka_unit_test(test_load_truncated),
         cmocka_unit_test(test_tensor_types),
         cmocka_unit_test(test_planner),
+        cmocka_unit_test(test_channels_last),
+        cmocka_unit_test(test_plans_of_two_shapes),
         cmocka_unit_test(test_window_3d),
         cmocka_unit_test(test_window_2d),
         cmocka_unit_test(test_window_errors),
