@@ -55,6 +55,9 @@ typedef struct gpu_nn_opts {
      * output|); the decision is logged. Otherwise, and on the CPU, everything runs in strict
      * float32 (no TF32). */
     int allow_half;
+    /* != 0: every forward pass logs each plan step's time at info (node, operator, output
+     * shape, ms; queued work is waited for), for tuning (bench_nn: RADPIPE_NN_PROFILE=1). */
+    int profile;
 } gpu_nn_opts;
 
 /* Parse onnx (borrowed, len bytes of a serialized ModelProto), check it (opset, supported

@@ -152,7 +152,7 @@ static double now_ms(void)
 }
 
 /* Run plan p on what is in its input buffer; the output stays in the arena. With
- * RADPIPE_NN_PROFILE set, each step's time is logged (queued work waited for). */
+ * opts->profile set, each step's time is logged (queued work waited for). */
 lc_rc nn_model_run(gpu_nn_model *m, const nn_plan *p, lc_err *err)
 {
     const float *ins[64];
@@ -277,7 +277,7 @@ lc_rc gpu_nn_load(gpu_ctx *ctx, const void *onnx, size_t len, const gpu_nn_opts 
         return lc_err_set(err, LC_ERR_NOMEM, "could not allocate a model");
     m->ctx = ctx;
     m->be = backend_of(ctx);
-    m->profile = getenv("RADPIPE_NN_PROFILE") != NULL;
+    m->profile = opts && opts->profile;
     if (!m->be) {
         free(m);
         return lc_err_set(err, LC_ERR_UNSUPPORTED, "no inference backend for this context");

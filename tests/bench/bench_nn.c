@@ -53,7 +53,9 @@ int main(int argc, char **argv)
     if (gpu_ctx_open(&o, &ctx, &e) != LC_OK)
         goto fail;
     int64_t t0 = lc_now_ms();
-    if (gpu_nn_load_file(ctx, argv[1], NULL, &m, &e) != LC_OK)
+    /* RADPIPE_NN_PROFILE=1: each step's time (a tuning aid of this benchmark only) */
+    gpu_nn_opts nopts = {.profile = getenv("RADPIPE_NN_PROFILE") != NULL};
+    if (gpu_nn_load_file(ctx, argv[1], &nopts, &m, &e) != LC_OK)
         goto fail;
     double load_ms = (double)(lc_now_ms() - t0);
     lc_rc r = gpu_nn_forward(m, (const float *)raw, in_shape, 5, NULL, 0, out_shape, &e);
