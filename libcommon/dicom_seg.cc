@@ -183,9 +183,9 @@ lc_rc read_info(const char *path, lc_dicom_image_info *info, lc_err *err)
     lc_dicom_header *h = info->hdr;
     static std::once_flag quiet;
     std::call_once(quiet, [] { /* GDCM's own stderr warnings: errors come through lc_err */
-        gdcm::Trace::SetDebug(false);
-        gdcm::Trace::SetWarning(false);
-        gdcm::Trace::SetError(false);
+                               gdcm::Trace::SetDebug(false);
+                               gdcm::Trace::SetWarning(false);
+                               gdcm::Trace::SetError(false);
     });
     gdcm::Reader r;
     r.SetFileName(path);
@@ -361,8 +361,7 @@ std::vector<uint16_t> cielab(const int rgb[3])
     auto f = [](double t) { return t > 0.008856 ? cbrt(t) : 7.787 * t + 16.0 / 116.0; };
     double L = 116 * f(Y) - 16, a = 500 * (f(X) - f(Y)), b = 200 * (f(Y) - f(Z));
     auto clamp = [](double v) { return uint16_t(v < 0 ? 0 : v > 65535 ? 65535 : lround(v)); };
-    return {clamp(L * 65535 / 100), clamp((a + 128) * 65535 / 255),
-            clamp((b + 128) * 65535 / 255)};
+    return {clamp(L * 65535 / 100), clamp((a + 128) * 65535 / 255), clamp((b + 128) * 65535 / 255)};
 }
 
 lc_rc check_spec(const lc_dicom_seg_spec *s, lc_err *err)
@@ -398,8 +397,8 @@ void now_da_tm(std::string &da, std::string &tm)
     tm = b;
 }
 
-lc_rc write_seg(const lc_dicom_seg_spec *s, std::string &out, char sop_uid[65],
-                char series_uid[65], lc_err *err)
+lc_rc write_seg(const lc_dicom_seg_spec *s, std::string &out, char sop_uid[65], char series_uid[65],
+                lc_err *err)
 {
     const lc_dicom_header *ref = s->ref;
     const size_t plane = size_t(s->rows) * size_t(s->columns);
@@ -551,7 +550,9 @@ lc_rc write_seg(const lc_dicom_seg_spec *s, std::string &out, char sop_uid[65],
 
     /* Per-frame functional groups and the bit-packed frames, segment-major: frame
      * (k, i) shows segment k+1 on source frame i */
-    auto tindex = [](const lc_dicom_seg_source &x) { return x.temporal_index > 0 ? x.temporal_index : 1; };
+    auto tindex = [](const lc_dicom_seg_source &x) {
+        return x.temporal_index > 0 ? x.temporal_index : 1;
+    };
     std::vector<uint32_t> pos_in_t(nsrc, 1);
     if (temporal) {
         std::map<long, uint32_t> seen_t;
@@ -562,7 +563,8 @@ lc_rc write_seg(const lc_dicom_seg_spec *s, std::string &out, char sop_uid[65],
     frames.reserve(nframes);
     std::vector<uint8_t> bits((nframes * plane + 7) / 8 + 1, 0);
     size_t bit = 0;
-    gdcm::DataSet purpose = code_item({"121322", "DCM", "Source image for image processing operation"});
+    gdcm::DataSet purpose =
+        code_item({"121322", "DCM", "Source image for image processing operation"});
     gdcm::DataSet derivation = code_item({"113076", "DCM", "Segmentation"});
     for (int k = 0; k < s->nsegments; k++) {
         for (size_t i = 0; i < nsrc; i++) {
@@ -687,8 +689,8 @@ void lc_dicom_seg_new_uid(char out[65])
     out[o] = '\0';
 }
 
-lc_rc lc_dicom_seg_write(const lc_dicom_seg_spec *spec, void **buf, size_t *len,
-                         char sop_uid[65], char series_uid[65], lc_err *err)
+lc_rc lc_dicom_seg_write(const lc_dicom_seg_spec *spec, void **buf, size_t *len, char sop_uid[65],
+                         char series_uid[65], lc_err *err)
 {
     *buf = nullptr;
     *len = 0;

@@ -391,8 +391,8 @@ lc_rc lc_kafka_consumer_new(const lc_kafka_conf *conf, const char *group_id, con
         return lc_err_set(err, LC_ERR_INVALID, "kafka consumer needs a group id and topics");
     /* A member that dies is noticed after 10 s (librdkafka's default is 45 s, and the mock
      * broker makes a rejoining member wait out the whole session timeout). */
-    static const char *const defaults[] = {"session.timeout.ms", "10000", "heartbeat.interval.ms",
-                                           "3000", FETCH_WAIT_DEFAULT, NULL};
+    static const char *const defaults[] = {
+        "session.timeout.ms", "10000", "heartbeat.interval.ms", "3000", FETCH_WAIT_DEFAULT, NULL};
     if ((rc = conf_new(conf, defaults, &kc, err)) != LC_OK)
         goto out;
     /* Offsets move only through the explicit commit after a successful batch; a new group

@@ -225,8 +225,7 @@ lc_rc lc_store_mpu_complete(lc_store *s, const char *key, const char *upload_id,
         return lc_err_set(err, LC_ERR_INVALID, "no parts to complete object \"%s\"", key);
     for (size_t i = 1; i < n; i++)
         if (parts[i].number <= parts[i - 1].number)
-            return lc_err_set(err, LC_ERR_INVALID, "parts of object \"%s\" are not in order",
-                              key);
+            return lc_err_set(err, LC_ERR_INVALID, "parts of object \"%s\" are not in order", key);
     if (!s->be->mpu_complete)
         return no_mpu(err, key);
     return s->be->mpu_complete(s, key, upload_id, parts, n, err);

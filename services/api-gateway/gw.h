@@ -36,12 +36,12 @@ typedef struct gw_config {
     char *spool_dir;        /* request bodies are streamed here first */
     char *admin_token_file; /* "" = no bootstrap token */
     long long db_pool_size;
-    char *cors_origins; /* "" = no CORS, "*" or "https://a,https://b" */
-    char *tls_cert_file;  /* "" = plain HTTP; else PEM with the certificate chain and key */
-    char *public_url;     /* "" = from the request's Host header; base of RetrieveURL etc. */
-    long long upload_max_files;      /* instances in one STOW-RS request or zip upload */
-    long long zip_max_expanded;      /* bytes a zip upload may expand to */
-    long long events_max_clients;    /* concurrent GET /api/v1/events streams */
+    char *cors_origins;         /* "" = no CORS, "*" or "https://a,https://b" */
+    char *tls_cert_file;        /* "" = plain HTTP; else PEM with the certificate chain and key */
+    char *public_url;           /* "" = from the request's Host header; base of RetrieveURL etc. */
+    long long upload_max_files; /* instances in one STOW-RS request or zip upload */
+    long long zip_max_expanded; /* bytes a zip upload may expand to */
+    long long events_max_clients; /* concurrent GET /api/v1/events streams */
 } gw_config;
 
 extern const lc_cfg_var gw_cfg_vars[];
@@ -49,13 +49,13 @@ extern const size_t gw_cfg_nvars;
 
 /* What the gateway borrows from its surroundings: lc_service in main, hand-made in tests. */
 typedef struct gw_deps {
-    const char *database_url; /* the pool connects here (migrations already applied) */
-    const char *topic_prefix; /* "radpipe." */
-    const char *source;       /* CloudEvents source, "/radpipe/api-gateway" */
-    lc_store *store;          /* borrowed, thread-safe */
-    lc_metrics *metrics;      /* borrowed */
-    struct lc_service *svc;   /* may be NULL; when set, /readyz also checks the broker */
-    const atomic_int *stop;   /* may be NULL; cuts start-up waits short */
+    const char *database_url;   /* the pool connects here (migrations already applied) */
+    const char *topic_prefix;   /* "radpipe." */
+    const char *source;         /* CloudEvents source, "/radpipe/api-gateway" */
+    lc_store *store;            /* borrowed, thread-safe */
+    lc_metrics *metrics;        /* borrowed */
+    struct lc_service *svc;     /* may be NULL; when set, /readyz also checks the broker */
+    const atomic_int *stop;     /* may be NULL; cuts start-up waits short */
     const lc_kafka_conf *kafka; /* may be NULL: GET /api/v1/events then answers 503 */
 } gw_deps;
 
@@ -305,11 +305,11 @@ typedef struct gw_ingest_item {
     char path[4096]; /* spool file; "" once moved or removed */
     long long size;
     char sha256[65];
-    char name[256];      /* where it came from, for answers ("part 3", a zip entry name) */
-    lc_dicom_header *h;  /* set by gw_ingest_check on success */
-    int failure;         /* PS3.18 Failure Reason when refused (0: accepted) */
-    char error[300];     /* why, when refused */
-    char key[512];       /* object key once stored */
+    char name[256];              /* where it came from, for answers ("part 3", a zip entry name) */
+    lc_dicom_header *h;          /* set by gw_ingest_check on success */
+    int failure;                 /* PS3.18 Failure Reason when refused (0: accepted) */
+    char error[300];             /* why, when refused */
+    char key[512];               /* object key once stored */
     struct gw_ingest_sync *sync; /* the spool file's fsync, queued or done (NULL: none yet) */
 } gw_ingest_item;
 

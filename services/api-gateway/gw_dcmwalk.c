@@ -55,8 +55,7 @@ static uint16_t u16(const unsigned char *p)
 
 static uint32_t u32(const unsigned char *p)
 {
-    return (uint32_t)p[0] | ((uint32_t)p[1] << 8) | ((uint32_t)p[2] << 16) |
-           ((uint32_t)p[3] << 24);
+    return (uint32_t)p[0] | ((uint32_t)p[1] << 8) | ((uint32_t)p[2] << 16) | ((uint32_t)p[3] << 24);
 }
 
 /* The rc get() left in err: never LC_OK, so a failed read cannot pass for a success. */
@@ -300,7 +299,8 @@ lc_rc gw_dcm_find_path(gw_dcm_read_fn read, void *ctx, int64_t size, const uint3
                 goto out;
             }
             if (h.tag == 0x00020010 && h.len < sizeof(out->ts)) {
-                const unsigned char *v = h.len ? get(&w, h.value, h.len) : (const unsigned char *)"";
+                const unsigned char *v =
+                    h.len ? get(&w, h.value, h.len) : (const unsigned char *)"";
                 if (!v) {
                     rc = failed_rc(err);
                     goto out;
@@ -317,7 +317,8 @@ lc_rc gw_dcm_find_path(gw_dcm_read_fn read, void *ctx, int64_t size, const uint3
         rc = lc_err_set(err, LC_ERR_DICOM, "not a DICOM file");
         goto out;
     }
-    if (strcmp(out->ts, "1.2.840.10008.1.2.2") == 0 || strcmp(out->ts, "1.2.840.10008.1.2.1.99") == 0) {
+    if (strcmp(out->ts, "1.2.840.10008.1.2.2") == 0 ||
+        strcmp(out->ts, "1.2.840.10008.1.2.1.99") == 0) {
         rc = lc_err_set(err, LC_ERR_UNSUPPORTED,
                         "transfer syntax %s (big endian or deflated) is not supported here",
                         out->ts);

@@ -21,7 +21,7 @@
 typedef int64_t (*gw_dcm_read_fn)(void *ctx, int64_t off, void *buf, size_t len);
 
 typedef struct gw_dcm_elem {
-    char ts[65];          /* transfer syntax from the meta information ("" when none) */
+    char ts[65]; /* transfer syntax from the meta information ("" when none) */
     int explicit_vr;
     char vr[3];           /* "" for implicit VR */
     int64_t value_offset; /* where the value starts */

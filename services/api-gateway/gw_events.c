@@ -21,9 +21,9 @@
 #include "lc/log.h"
 #include "lc/util.h"
 
-#define RING        1024   /* events kept for Last-Event-ID */
-#define KEEPALIVE_S 15     /* comment line on an idle stream */
-#define WAIT_MS     500    /* how often a waiting stream looks at the drain flag */
+#define RING        1024 /* events kept for Last-Event-ID */
+#define KEEPALIVE_S 15   /* comment line on an idle stream */
+#define WAIT_MS     500  /* how often a waiting stream looks at the drain flag */
 
 typedef struct ev_slot {
     unsigned long long seq; /* 0: empty */

@@ -593,8 +593,8 @@ static int range_matches(const char *range, const char *media)
         return 1;
     size_t n = strlen(range);
     const char *slash = strchr(media, '/');
-    return n > 2 && strcmp(range + n - 2, "/*") == 0 && slash &&
-           (size_t)(slash - media) == n - 2 && strncasecmp(range, media, n - 2) == 0;
+    return n > 2 && strcmp(range + n - 2, "/*") == 0 && slash && (size_t)(slash - media) == n - 2 &&
+           strncasecmp(range, media, n - 2) == 0;
 }
 
 int gw_accept_pick(const gw_req *r, const char *const *medias, char *type, char *ts)

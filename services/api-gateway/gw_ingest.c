@@ -122,8 +122,7 @@ lc_rc gw_ingest_check(gw_req *r, gw_ingest_item *item, const char *study_uid, lc
         *err = e;
         return rc;
     }
-    static const char *const names[] = {"StudyInstanceUID", "SeriesInstanceUID",
-                                        "SOPInstanceUID"};
+    static const char *const names[] = {"StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID"};
     const char *uids[] = {h->study_instance_uid, h->series_instance_uid, h->sop_instance_uid};
     for (int i = 0; i < 3; i++) {
         if (!lc_dicom_uid_valid(uids[i])) {

@@ -18,30 +18,35 @@
 #include "lc/log.h"
 #include "lc/util.h"
 
-#define JOB_BODY_MAX (64 * 1024)
+#define JOB_BODY_MAX     (64 * 1024)
 #define JOB_MAX_ATTEMPTS 5
 
 #define JOB_FIELDS                                                                                 \
     "'id', j.id, 'kind', j.kind, 'study_instance_uid', j.study_uid, 'state', j.state,"             \
     " 'params', j.params, 'progress', j.progress, 'result', j.result, 'error', j.error,"           \
     " 'attempts', j.attempts, 'max_attempts', j.max_attempts,"                                     \
-    " 'created_at', " GW_TS("j.created_at") ", 'updated_at', " GW_TS("j.updated_at") ","          \
-    " 'started_at', " GW_TS("j.started_at") ", 'finished_at', " GW_TS("j.finished_at") ","        \
-    " 'artifacts', COALESCE((SELECT json_agg(json_build_object("                                   \
-    "     'name', a.name, 'size', a.size_bytes, 'media_type', a.media_type) ORDER BY a.name)"      \
-    "   FROM job_artifacts a WHERE a.job_id = j.id), '[]'::json)"
+    " 'created_at', " GW_TS("j.created_at") ", 'updated_at', " GW_TS(                              \
+        "j.updated_at") ","                                                                        \
+                        " 'started_at', " GW_TS("j.started_at") ", 'finished_at', " GW_TS(         \
+                            "j.finished_at") ","                                                   \
+                                             " 'artifacts', COALESCE((SELECT "                     \
+                                             "json_agg(json_build_object("                         \
+                                             "     'name', a.name, 'size', a.size_bytes, "         \
+                                             "'media_type', a.media_type) ORDER BY a.name)"        \
+                                             "   FROM job_artifacts a WHERE a.job_id = j.id), "    \
+                                             "'[]'::json)"
 
 static const char get_sql[] =
     "SELECT json_build_object(" JOB_FIELDS ")::text FROM jobs j WHERE j.id = $1::uuid";
 
 /* $1 state, $2 kind, $3 study; NULL: no filter */
 #define JOB_FILTER                                                                                 \
-    " WHERE ($1::text IS NULL OR j.state = $1) AND ($2::text IS NULL OR j.kind = $2)"             \
+    " WHERE ($1::text IS NULL OR j.state = $1) AND ($2::text IS NULL OR j.kind = $2)"              \
     "   AND ($3::text IS NULL OR j.study_uid = $3)"
 
-static const char list_sql[] = "SELECT json_build_object(" JOB_FIELDS ")::text FROM jobs j"
-                               JOB_FILTER " ORDER BY j.created_at DESC, j.id"
-                                          " LIMIT $4::bigint OFFSET $5::bigint";
+static const char list_sql[] = "SELECT json_build_object(" JOB_FIELDS
+                               ")::text FROM jobs j" JOB_FILTER " ORDER BY j.created_at DESC, j.id"
+                               " LIMIT $4::bigint OFFSET $5::bigint";
 static const char count_sql[] = "SELECT count(*) FROM jobs j" JOB_FILTER;
 
 /* The job as JSON into *out (NULL when it does not exist). */
@@ -152,8 +157,7 @@ static int read_json_object(gw_req *r, cJSON **out)
     lc_rc rc = gw_body_read(r, JOB_BODY_MAX, mem_piece, &m, NULL, &err);
     if (rc != LC_OK) {
         free(buf);
-        return gw_send_problem(r, rc == LC_ERR_TOO_LARGE ? 413 : 400, NULL, "%s",
-                               lc_err_msg(&err));
+        return gw_send_problem(r, rc == LC_ERR_TOO_LARGE ? 413 : 400, NULL, "%s", lc_err_msg(&err));
     }
     buf[m.len] = '\0';
     const char *ct = gw_header_get(r, "Content-Type");
@@ -357,9 +361,9 @@ static int transition(gw_req *r, int cancel)
     snprintf(reason, sizeof(reason), "cancelled through the API by \"%.64s\"", r->token_name);
     lc_rc rc = gw_db(r, &db, &err);
     if (rc == LC_OK)
-        rc = cancel ? lc_job_cancel(db, r->g->deps.topic_prefix, r->g->deps.source, id, reason,
-                                    &err)
-                    : lc_job_retry(db, r->g->deps.topic_prefix, r->g->deps.source, id, &err);
+        rc = cancel
+                 ? lc_job_cancel(db, r->g->deps.topic_prefix, r->g->deps.source, id, reason, &err)
+                 : lc_job_retry(db, r->g->deps.topic_prefix, r->g->deps.source, id, &err);
     if (rc == LC_ERR_NOT_FOUND)
         return gw_send_problem(r, 404, NULL, "no job with id %s", id);
     if (rc == LC_ERR_CONFLICT)
@@ -460,14 +464,12 @@ int gw_jobs_artifact(gw_req *r)
         strspn(name, "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._-") !=
             strlen(name) ||
         name[0] == '.')
-        return gw_send_problem(r, 400, NULL, "\"%.80s\" is not an artifact name",
-                               name ? name : "");
+        return gw_send_problem(r, 400, NULL, "\"%.80s\" is not an artifact name", name ? name : "");
     const char *p[2] = {id, name};
-    if (gw_db(r, &db, &err) != LC_OK ||
-        lc_db_exec(db,
-                   "SELECT store_key, media_type FROM job_artifacts"
-                   " WHERE job_id = $1::uuid AND name = $2",
-                   2, p, &res, &err) != LC_OK)
+    if (gw_db(r, &db, &err) != LC_OK || lc_db_exec(db,
+                                                   "SELECT store_key, media_type FROM job_artifacts"
+                                                   " WHERE job_id = $1::uuid AND name = $2",
+                                                   2, p, &res, &err) != LC_OK)
         return gw_send_unavailable(r, "the database", &err);
     gw_db_put(r);
     if (PQntuples(res) != 1) {
@@ -487,8 +489,7 @@ int gw_jobs_artifact(gw_req *r)
     if (st.digest[0])
         snprintf(etag, sizeof(etag), "\"%.64s\"", st.digest);
     else
-        snprintf(etag, sizeof(etag), "\"%llx-%llx\"", (long long)st.size,
-                 (long long)st.mtime_ms);
+        snprintf(etag, sizeof(etag), "\"%llx-%llx\"", (long long)st.size, (long long)st.mtime_ms);
     snprintf(disp, sizeof(disp), "attachment; filename=\"%s\"", name);
     long long from = 0, to = st.size - 1;
     const char *range = gw_header_get(r, "Range");

@@ -9,7 +9,7 @@
 
 #define MODEL_FIELDS                                                                               \
     "'name', m.name, 'version', m.version, 'modality', m.modality,"                                \
-    " 'description', m.description, 'labels', m.labels, 'spatial_dims', m.spatial_dims,"          \
+    " 'description', m.description, 'labels', m.labels, 'spatial_dims', m.spatial_dims,"           \
     " 'spacing_mm', m.spacing_mm, 'patch_size', m.patch_size,"                                     \
     " 'normalization', m.normalization, 'mirroring', m.mirroring, 'sha256', m.sha256,"             \
     " 'size_bytes', m.size_bytes, 'parameters', m.parameters, 'loaded_by', m.loaded_by,"           \
@@ -48,7 +48,8 @@ int gw_models_list(gw_req *r)
         cJSON_Delete(o);
         return gw_send_problem(r, 500, NULL, "out of memory");
     }
-    if (gw_db(r, &db, &err) != LC_OK || gw_query_json(db, list_sql, 0, NULL, items, NULL, &err) != LC_OK) {
+    if (gw_db(r, &db, &err) != LC_OK ||
+        gw_query_json(db, list_sql, 0, NULL, items, NULL, &err) != LC_OK) {
         cJSON_Delete(o);
         return gw_send_unavailable(r, "the database", &err);
     }

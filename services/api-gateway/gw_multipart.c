@@ -121,8 +121,9 @@ lc_rc gw_mp_parse_ctype(const char *v, gw_mp_ctype *out, lc_err *err)
         if (!(s = token(s, name, sizeof(name), 1)) || *s != '=')
             return lc_err_set(err, LC_ERR_INVALID, "malformed Content-Type parameter");
         if (!(s = param_value(s + 1, val, sizeof(val))))
-            return lc_err_set(err, LC_ERR_INVALID, "malformed value of Content-Type parameter "
-                                                   "\"%s\"",
+            return lc_err_set(err, LC_ERR_INVALID,
+                              "malformed value of Content-Type parameter "
+                              "\"%s\"",
                               name);
         char *dst = NULL;
         size_t cap = 0;
@@ -180,8 +181,8 @@ static int boundary_ok(const char *b)
 
 /* --- parser ------------------------------------------------------------------------------ */
 
-lc_rc gw_mp_new(const char *boundary, const gw_mp_limits *lim, const gw_mp_callbacks *cb,
-                void *ctx, gw_mp **out, lc_err *err)
+lc_rc gw_mp_new(const char *boundary, const gw_mp_limits *lim, const gw_mp_callbacks *cb, void *ctx,
+                gw_mp **out, lc_err *err)
 {
     *out = NULL;
     if (!boundary || !boundary_ok(boundary))
@@ -255,8 +256,8 @@ static lc_rc parse_headers(gw_mp *p, const char *h, size_t len, lc_err *err)
             return fail(p, err, LC_ERR_INVALID, "part %d: header lines must end with CRLF",
                         p->nparts + 1);
         if (++nh > MAX_HEADERS)
-            return fail(p, err, LC_ERR_TOO_LARGE, "part %d has more than %d headers",
-                        p->nparts + 1, MAX_HEADERS);
+            return fail(p, err, LC_ERR_TOO_LARGE, "part %d has more than %d headers", p->nparts + 1,
+                        MAX_HEADERS);
         if (ll == 0 || h[0] == ' ' || h[0] == '\t')
             return fail(p, err, LC_ERR_INVALID, "part %d: empty or folded header line",
                         p->nparts + 1);
@@ -266,8 +267,7 @@ static lc_rc parse_headers(gw_mp *p, const char *h, size_t len, lc_err *err)
                         p->nparts + 1);
         for (const char *c = h; c < colon; c++)
             if (!tchar((unsigned char)*c))
-                return fail(p, err, LC_ERR_INVALID, "part %d: invalid header name",
-                            p->nparts + 1);
+                return fail(p, err, LC_ERR_INVALID, "part %d: invalid header name", p->nparts + 1);
         size_t nl = (size_t)(colon - h);
         const char *v = colon + 1, *ve = h + ll;
         while (v < ve && (*v == ' ' || *v == '\t'))
@@ -305,8 +305,8 @@ static lc_rc parse_headers(gw_mp *p, const char *h, size_t len, lc_err *err)
             }
             if (n > p->lim.max_part_bytes)
                 return fail(p, err, LC_ERR_TOO_LARGE,
-                            "part %d claims %lld bytes, over the limit of %lld", p->nparts + 1,
-                            n, p->lim.max_part_bytes);
+                            "part %d claims %lld bytes, over the limit of %lld", p->nparts + 1, n,
+                            p->lim.max_part_bytes);
             pt->content_length = n;
         } else if (IS("Content-Transfer-Encoding")) {
             if (!((vl == 6 && strncasecmp(v, "binary", 6) == 0) ||
@@ -357,8 +357,8 @@ static lc_rc body_emit(gw_mp *p, const char *data, size_t n, lc_err *err)
         return fail(p, err, LC_ERR_INVALID, "part %d is longer than its Content-Length of %lld",
                     p->nparts, p->part.content_length);
     if (p->part_bytes > p->lim.max_part_bytes)
-        return fail(p, err, LC_ERR_TOO_LARGE, "part %d is over the limit of %lld bytes",
-                    p->nparts, p->lim.max_part_bytes);
+        return fail(p, err, LC_ERR_TOO_LARGE, "part %d is over the limit of %lld bytes", p->nparts,
+                    p->lim.max_part_bytes);
     lc_rc rc = p->cb.part_data ? p->cb.part_data(p->ctx, data, n, err) : LC_OK;
     if (rc != LC_OK)
         return cb_failed(p, rc, err);
@@ -597,7 +597,6 @@ lc_rc gw_mp_finish(gw_mp *p, lc_err *err)
         return fail(p, err, LC_ERR_INVALID,
                     "part %d is truncated: the body ended before its closing boundary", p->nparts);
     default:
-        return fail(p, err, LC_ERR_INVALID,
-                    "the multipart body ended before its closing boundary");
+        return fail(p, err, LC_ERR_INVALID, "the multipart body ended before its closing boundary");
     }
 }

@@ -16,11 +16,11 @@
 
 /* The media type of a Content-Type value and its multipart parameters. */
 typedef struct gw_mp_ctype {
-    char media[128];   /* "multipart/related", lower-cased */
-    char type[128];    /* the type parameter, "" when absent */
+    char media[128]; /* "multipart/related", lower-cased */
+    char type[128];  /* the type parameter, "" when absent */
     char boundary[GW_MP_BOUNDARY_MAX + 1];
-    char ts[128];      /* the transfer-syntax parameter, "" when absent */
-    int q;             /* the q parameter (Accept entries) in thousandths, 1000 when absent */
+    char ts[128]; /* the transfer-syntax parameter, "" when absent */
+    int q;        /* the q parameter (Accept entries) in thousandths, 1000 when absent */
 } gw_mp_ctype;
 
 /* Parse a Content-Type header value: media type, then ;-separated name=value parameters
@@ -30,10 +30,10 @@ lc_rc gw_mp_parse_ctype(const char *value, gw_mp_ctype *out, lc_err *err);
 
 /* What a part's headers said. Strings are NUL-terminated copies, "" when absent. */
 typedef struct gw_mp_part {
-    int index;                  /* 0-based */
-    char content_type[256];     /* as sent */
+    int index;              /* 0-based */
+    char content_type[256]; /* as sent */
     char content_location[512];
-    long long content_length;   /* -1 when absent */
+    long long content_length; /* -1 when absent */
 } gw_mp_part;
 
 typedef struct gw_mp_callbacks {
@@ -55,8 +55,8 @@ typedef struct gw_mp gw_mp;
 
 /* A parser for boundary (1..70 characters, checked) with the given limits and callbacks
  * (borrowed; ctx is passed to them). LC_ERR_INVALID for a bad boundary, LC_ERR_NOMEM. */
-lc_rc gw_mp_new(const char *boundary, const gw_mp_limits *lim, const gw_mp_callbacks *cb,
-                void *ctx, gw_mp **out, lc_err *err);
+lc_rc gw_mp_new(const char *boundary, const gw_mp_limits *lim, const gw_mp_callbacks *cb, void *ctx,
+                gw_mp **out, lc_err *err);
 void gw_mp_free(gw_mp *p); /* accepts NULL */
 
 /* Feed the next len bytes of the body. After an error the parser is stuck in it: every

@@ -30,8 +30,8 @@ const gw_qido_attr gw_qido_attrs[] = {
      GW_QR_OPTIONAL},
     {0x00080033, "ContentTime", "TM", I, "i.content_time", "i.content_time", GW_QK_TIME,
      GW_QR_OPTIONAL},
-    {0x00080050, "AccessionNumber", "SH", S, "s.accession_number", "s.accession_number",
-     GW_QK_TEXT, GW_QR_ALWAYS},
+    {0x00080050, "AccessionNumber", "SH", S, "s.accession_number", "s.accession_number", GW_QK_TEXT,
+     GW_QR_ALWAYS},
     {0x00080056, "InstanceAvailability", "CS", S, NULL, NULL, GW_QK_NONE, GW_QR_ALWAYS},
     {0x00080060, "Modality", "CS", E, "se.modality", "se.modality", GW_QK_TEXT, GW_QR_ALWAYS},
     {0x00080061, "ModalitiesInStudy", "CS", S, "array_to_string(s.modalities, '\\')",
@@ -47,18 +47,16 @@ const gw_qido_attr gw_qido_attrs[] = {
     {0x0008103E, "SeriesDescription", "LO", E, "se.series_description",
      "upper(se.series_description)", GW_QK_CI, GW_QR_IF_KNOWN},
     {0x00081190, "RetrieveURL", "UR", S, NULL, NULL, GW_QK_NONE, GW_QR_ALWAYS},
-    {0x00083002, "AvailableTransferSyntaxUID", "UI", I, "i.transfer_syntax_uid", NULL,
-     GW_QK_NONE, GW_QR_OPTIONAL},
+    {0x00083002, "AvailableTransferSyntaxUID", "UI", I, "i.transfer_syntax_uid", NULL, GW_QK_NONE,
+     GW_QR_OPTIONAL},
     {0x00100010, "PatientName", "PN", S, "s.patient_name", "s.patient_name_norm", GW_QK_CI,
      GW_QR_ALWAYS},
-    {0x00100020, "PatientID", "LO", S, "s.patient_id", "s.patient_id", GW_QK_TEXT,
-     GW_QR_ALWAYS},
+    {0x00100020, "PatientID", "LO", S, "s.patient_id", "s.patient_id", GW_QK_TEXT, GW_QR_ALWAYS},
     {0x00100021, "IssuerOfPatientID", "LO", S, "s.issuer_of_patient_id", "s.issuer_of_patient_id",
      GW_QK_TEXT, GW_QR_OPTIONAL},
     {0x00100030, "PatientBirthDate", "DA", S, "s.patient_birth_date", "s.patient_birth_date",
      GW_QK_DATE, GW_QR_ALWAYS},
-    {0x00100040, "PatientSex", "CS", S, "s.patient_sex", "s.patient_sex", GW_QK_TEXT,
-     GW_QR_ALWAYS},
+    {0x00100040, "PatientSex", "CS", S, "s.patient_sex", "s.patient_sex", GW_QK_TEXT, GW_QR_ALWAYS},
     {0x00180015, "BodyPartExamined", "CS", E, "se.body_part_examined", "se.body_part_examined",
      GW_QK_TEXT, GW_QR_OPTIONAL},
     {0x0020000D, "StudyInstanceUID", "UI", S, "s.study_uid", "s.study_uid", GW_QK_UID,
@@ -66,8 +64,8 @@ const gw_qido_attr gw_qido_attrs[] = {
     {0x0020000E, "SeriesInstanceUID", "UI", E, "se.series_uid", "se.series_uid", GW_QK_UID,
      GW_QR_ALWAYS},
     {0x00200010, "StudyID", "SH", S, "s.study_id", "s.study_id", GW_QK_TEXT, GW_QR_ALWAYS},
-    {0x00200011, "SeriesNumber", "IS", E, "se.series_number::text", "se.series_number",
-     GW_QK_INT, GW_QR_ALWAYS},
+    {0x00200011, "SeriesNumber", "IS", E, "se.series_number::text", "se.series_number", GW_QK_INT,
+     GW_QR_ALWAYS},
     {0x00200013, "InstanceNumber", "IS", I, "i.instance_number::text", "i.instance_number",
      GW_QK_INT, GW_QR_ALWAYS},
     {0x00201206, "NumberOfStudyRelatedSeries", "IS", S, "s.num_series::text", NULL, GW_QK_NONE,
@@ -83,11 +81,11 @@ const gw_qido_attr gw_qido_attrs[] = {
     {0x00280100, "BitsAllocated", "US", I, "i.bits_allocated::text", NULL, GW_QK_NONE,
      GW_QR_IF_KNOWN},
     {0x00400244, "PerformedProcedureStepStartDate", "DA", E,
-     "se.performed_procedure_step_start_date", "se.performed_procedure_step_start_date",
-     GW_QK_DATE, GW_QR_IF_KNOWN},
+     "se.performed_procedure_step_start_date", "se.performed_procedure_step_start_date", GW_QK_DATE,
+     GW_QR_IF_KNOWN},
     {0x00400245, "PerformedProcedureStepStartTime", "TM", E,
-     "se.performed_procedure_step_start_time", "se.performed_procedure_step_start_time",
-     GW_QK_TIME, GW_QR_IF_KNOWN},
+     "se.performed_procedure_step_start_time", "se.performed_procedure_step_start_time", GW_QK_TIME,
+     GW_QR_IF_KNOWN},
     {0x00400275, "RequestAttributesSequence", "SQ", E, "se.request_attributes::text", NULL,
      GW_QK_NONE, GW_QR_IF_KNOWN},
 };
@@ -358,8 +356,8 @@ static lc_rc add_include(gw_qido_query *q, const char *item, gw_qido_resolve_fn 
     if (a < 0 && hex8(item, &tag))
         a = gw_qido_attr_index(tag);
     else if (a < 0 && !(resolve && resolve(item, &tag)))
-        return lc_err_set(err, LC_ERR_INVALID, "includefield \"%.64s\" is not a DICOM keyword or tag",
-                          item);
+        return lc_err_set(err, LC_ERR_INVALID,
+                          "includefield \"%.64s\" is not a DICOM keyword or tag", item);
     if (a >= 0) {
         q->include[a] = 1;
         return LC_OK;
@@ -425,8 +423,8 @@ lc_rc gw_qido_parse(const char *qs, gw_qido_level level, const char *study_uid,
             goto out;
         } else if (vr < 0) {
             rc = lc_err_set(err, LC_ERR_INVALID,
-                            "query parameter \"%.64s\" is malformed or longer than %d bytes",
-                            name, GW_QIDO_MAX_VALUE);
+                            "query parameter \"%.64s\" is malformed or longer than %d bytes", name,
+                            GW_QIDO_MAX_VALUE);
             goto out;
         }
         p += len + (p[len] == '&');
@@ -550,8 +548,7 @@ gw_qido_ret gw_qido_returns(const gw_qido_query *q, size_t a)
     /* the levels whose attributes come with every result: the searched level, and the
      * levels above it that the path does not fix (all series, all instances, a study's
      * instances) */
-    int full = at->level == q->level ||
-               (at->level == GW_QIDO_STUDY && !q->study_uid[0]) ||
+    int full = at->level == q->level || (at->level == GW_QIDO_STUDY && !q->study_uid[0]) ||
                (at->level == GW_QIDO_SERIES && !q->series_uid[0]);
     /* the identifying UIDs of the levels above always come along */
     if (at->tag == 0x0020000D || (at->tag == 0x0020000E && q->level == GW_QIDO_INSTANCE))
@@ -725,8 +722,9 @@ lc_rc gw_qido_build_sql(const gw_qido_query *q, gw_qido_sql *s, lc_err *err)
     if (q->nextra > 0) {
         /* attributes outside the table come from an instance's stored header */
         if (q->level == GW_QIDO_INSTANCE)
-            gw_buf_addf(b, "%s(SELECT m.json::text FROM instance_metadata m"
-                           " WHERE m.sop_uid = i.sop_uid)",
+            gw_buf_addf(b,
+                        "%s(SELECT m.json::text FROM instance_metadata m"
+                        " WHERE m.sop_uid = i.sop_uid)",
                         s->ncols ? ", " : "");
         else
             gw_buf_addf(b,

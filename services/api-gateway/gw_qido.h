@@ -52,11 +52,11 @@ extern const size_t gw_qido_nattrs;
 /* The table index of tag, -1 when the index does not hold it. */
 int gw_qido_attr_index(unsigned tag);
 
-#define GW_QIDO_MAX_KEYS    32
-#define GW_QIDO_MAX_EXTRA   64   /* includefield attributes outside the table */
-#define GW_QIDO_MAX_LIMIT   1000 /* larger limits are lowered to this (a Warning tells) */
-#define GW_QIDO_MAX_PARAMS  (2 * GW_QIDO_MAX_KEYS + 8)
-#define GW_QIDO_MAX_VALUE   4096 /* bytes of one decoded value */
+#define GW_QIDO_MAX_KEYS   32
+#define GW_QIDO_MAX_EXTRA  64   /* includefield attributes outside the table */
+#define GW_QIDO_MAX_LIMIT  1000 /* larger limits are lowered to this (a Warning tells) */
+#define GW_QIDO_MAX_PARAMS (2 * GW_QIDO_MAX_KEYS + 8)
+#define GW_QIDO_MAX_VALUE  4096 /* bytes of one decoded value */
 
 typedef struct gw_qido_key {
     int attr;    /* index into gw_qido_attrs */
@@ -69,11 +69,11 @@ typedef struct gw_qido_query {
     char series_uid[65]; /* from the path, "" when absent */
     gw_qido_key keys[GW_QIDO_MAX_KEYS];
     int nkeys;
-    unsigned char include[128]; /* per table attribute: 1 when asked for by includefield */
+    unsigned char include[128];        /* per table attribute: 1 when asked for by includefield */
     unsigned extra[GW_QIDO_MAX_EXTRA]; /* includefield tags outside the table */
     int nextra;
     int include_all;
-    long long limit; /* 1..GW_QIDO_MAX_LIMIT */
+    long long limit;   /* 1..GW_QIDO_MAX_LIMIT */
     int limit_lowered; /* the client asked for more than GW_QIDO_MAX_LIMIT */
     long long offset;
     int fuzzy; /* fuzzymatching=true: matching stays literal, a Warning header says so */

@@ -122,8 +122,7 @@ static void retrieve_url(gw_buf *b, const gw_qido_query *q, const gw_qido_sql *s
     const char *series =
         q->level >= GW_QIDO_SERIES ? col(res, row, s->col[gw_qido_attr_index(0x0020000E)]) : NULL;
     const char *sop =
-        q->level >= GW_QIDO_INSTANCE ? col(res, row, s->col[gw_qido_attr_index(0x00080018)])
-                                     : NULL;
+        q->level >= GW_QIDO_INSTANCE ? col(res, row, s->col[gw_qido_attr_index(0x00080018)]) : NULL;
     gw_buf u = {0};
     gw_buf_addf(&u, "%s/dicomweb/studies/%s", base, study ? study : "");
     if (series)
@@ -230,8 +229,8 @@ static int qido(gw_req *r, gw_qido_level level)
         return gw_send_problem(r, 400, NULL, "%s", lc_err_msg(&err));
     }
     if (gw_db(r, &db, &err) != LC_OK ||
-        lc_db_exec(db, gw_buf_cstr(&s.sql), s.nparams, (const char *const *)s.params, &res,
-                   &err) != LC_OK) {
+        lc_db_exec(db, gw_buf_cstr(&s.sql), s.nparams, (const char *const *)s.params, &res, &err) !=
+            LC_OK) {
         status = gw_send_unavailable(r, "the database", &err);
         goto out;
     }

@@ -251,14 +251,14 @@ static lc_rc metrics_init(gw *g, lc_err *err)
                                      "request body bytes received by API routes", NULL);
     g->bytes_out = lc_metrics_counter(mx, "radpipe_http_bytes_sent_total",
                                       "response body bytes sent by API routes", NULL);
-    g->stow_stored = lc_metrics_counter(mx, "radpipe_stow_instances_total",
-                                        "instances received by STOW-RS, by outcome",
-                                        "outcome=\"stored\"");
-    g->stow_failed = lc_metrics_counter(mx, "radpipe_stow_instances_total",
-                                        "instances received by STOW-RS, by outcome",
-                                        "outcome=\"failed\"");
-    g->sse_clients = lc_metrics_gauge(mx, "radpipe_http_event_streams",
-                                      "open GET /api/v1/events streams", NULL);
+    g->stow_stored =
+        lc_metrics_counter(mx, "radpipe_stow_instances_total",
+                           "instances received by STOW-RS, by outcome", "outcome=\"stored\"");
+    g->stow_failed =
+        lc_metrics_counter(mx, "radpipe_stow_instances_total",
+                           "instances received by STOW-RS, by outcome", "outcome=\"failed\"");
+    g->sse_clients =
+        lc_metrics_gauge(mx, "radpipe_http_event_streams", "open GET /api/v1/events streams", NULL);
     return LC_OK;
 }
 

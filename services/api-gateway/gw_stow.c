@@ -68,8 +68,8 @@ static lc_rc part_data(void *arg, const char *buf, size_t len, lc_err *err)
         if (w < 0 && errno == EINTR)
             continue;
         if (w <= 0)
-            return lc_err_set(err, LC_ERR_IO, "could not write the spool file \"%s\": %s",
-                              it->path, strerror(errno));
+            return lc_err_set(err, LC_ERR_IO, "could not write the spool file \"%s\": %s", it->path,
+                              strerror(errno));
         lc_sha256_update(c->h, buf, (size_t)w);
         it->size += w;
         buf += w;
@@ -140,8 +140,8 @@ static char *response_json(gw_req *r, const gw_ingest_item *items, int n, const 
         stored++;
         if (!study) { /* the study's URL when every stored instance is in one study */
             const char *s = items[i].h->study_instance_uid;
-            one_study = stored == 1 ? s : (one_study && strcmp(one_study, s) == 0 ? one_study
-                                                                                   : NULL);
+            one_study =
+                stored == 1 ? s : (one_study && strcmp(one_study, s) == 0 ? one_study : NULL);
         }
     }
     gw_buf_adds(&b, "{");

@@ -31,7 +31,7 @@
     " WHERE ($1::text IS NULL OR s.patient_id = $1)"                                               \
     "   AND ($2::text IS NULL OR $2 = ANY (s.modalities))"                                         \
     "   AND ($3::text IS NULL OR s.study_date = $3)"                                               \
-    "   AND ($4::text IS NULL OR coalesce(s.patient_name_norm, upper(s.patient_name))"              \
+    "   AND ($4::text IS NULL OR coalesce(s.patient_name_norm, upper(s.patient_name))"             \
     "        LIKE upper($4))"                                                                      \
     "   AND ($5::text IS NULL OR s.accession_number = $5)"                                         \
     "   AND ($6::text IS NULL OR s.study_date >= $6)"                                              \
@@ -106,8 +106,7 @@ static int date_filter(gw_req *r, const char *name, char *buf, size_t cap, const
         return -1;
     if (*out && !gw_qido_date_ok(*out, strlen(*out))) {
         gw_send_problem(r, 400, NULL,
-                        "invalid value for query parameter \"%s\": must be a date YYYYMMDD",
-                        name);
+                        "invalid value for query parameter \"%s\": must be a date YYYYMMDD", name);
         return -1;
     }
     return 0;
@@ -289,8 +288,8 @@ int gw_studies_complete(gw_req *r)
         return gw_send_problem(r, 500, NULL, "out of memory");
     lc_rc rc = gw_body_read(r, sizeof(b->buf) - 1, small_piece, b, NULL, &err);
     if (rc != LC_OK) {
-        status = gw_send_problem(r, rc == LC_ERR_TOO_LARGE ? 413 : 400, NULL, "%s",
-                                 lc_err_msg(&err));
+        status =
+            gw_send_problem(r, rc == LC_ERR_TOO_LARGE ? 413 : 400, NULL, "%s", lc_err_msg(&err));
         goto out;
     }
     if (b->len) {

@@ -135,12 +135,16 @@ static int cmd_list(lc_db *db)
     PGresult *res = NULL;
     lc_err err = {0};
     if (lc_db_exec(db,
-                   "SELECT id::text, name, array_to_string(scopes, ','), " GW_TS("created_at") ","
-                   " coalesce(" GW_TS("expires_at") ", '-'), coalesce(" GW_TS("last_used_at") ", "
-                   "'-'), CASE WHEN revoked_at IS NOT NULL THEN 'revoked'"
-                   "  WHEN expires_at IS NOT NULL AND expires_at <= now() THEN 'expired'"
-                   "  ELSE 'active' END"
-                   " FROM api_tokens ORDER BY created_at, id",
+                   "SELECT id::text, name, array_to_string(scopes, ','), " GW_TS(
+                       "created_at") ","
+                                     " coalesce(" GW_TS("expires_at") ", '-'), coalesce(" GW_TS(
+                                         "last_used_at") ", "
+                                                         "'-'), CASE WHEN revoked_at IS NOT NULL "
+                                                         "THEN 'revoked'"
+                                                         "  WHEN expires_at IS NOT NULL AND "
+                                                         "expires_at <= now() THEN 'expired'"
+                                                         "  ELSE 'active' END"
+                                                         " FROM api_tokens ORDER BY created_at, id",
                    0, NULL, &res, &err) != LC_OK) {
         fprintf(stderr, "api-gateway: could not list tokens: %s\n", lc_err_msg(&err));
         return 1;

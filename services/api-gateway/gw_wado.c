@@ -20,7 +20,7 @@
 #include "lc/log.h"
 #include "lc/util.h"
 
-#define META_PAGE 200 /* instances per metadata query */
+#define META_PAGE   200 /* instances per metadata query */
 #define TS_IMPLICIT "1.2.840.10008.1.2"
 #define TS_EXPLICIT "1.2.840.10008.1.2.1"
 
@@ -124,7 +124,9 @@ int gw_wado_retrieve(gw_req *r)
     if (n == 0) {
         PQclear(res);
         return gw_send_problem(r, 404, NULL, "no such %s",
-                               sop ? "instance" : series ? "series" : "study");
+                               sop      ? "instance"
+                               : series ? "series"
+                                        : "study");
     }
     /* the stored syntax is served as is; a specific other one cannot be */
     for (int i = 0; ts[0] && strcmp(ts, "*") != 0 && i < n; i++) {
@@ -231,8 +233,8 @@ static char *instance_metadata(PGresult *res, int i, const char *base)
     const char *sop = PQgetvalue(res, i, 0), *series = PQgetvalue(res, i, 1);
     const char *ts = PQgetvalue(res, i, 3), *study = PQgetvalue(res, i, 7);
     char url[1024];
-    snprintf(url, sizeof(url), "%s/dicomweb/studies/%s/series/%s/instances/%s", base, study,
-             series, sop);
+    snprintf(url, sizeof(url), "%s/dicomweb/studies/%s/series/%s/instances/%s", base, study, series,
+             sop);
     cJSON *j = PQgetisnull(res, i, 2) ? NULL : cJSON_Parse(PQgetvalue(res, i, 2));
     if (!cJSON_IsObject(j)) {
         cJSON_Delete(j);
@@ -295,7 +297,9 @@ int gw_wado_metadata(gw_req *r)
             if (n == 0) {
                 PQclear(res);
                 return gw_send_problem(r, 404, NULL, "no such %s",
-                                       sop ? "instance" : series ? "series" : "study");
+                                       sop      ? "instance"
+                                       : series ? "series"
+                                                : "study");
             }
             gw_send_head(r, 200, media == 0 ? "application/dicom+json" : "application/json", -1,
                          NULL);

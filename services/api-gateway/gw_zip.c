@@ -78,9 +78,8 @@ static lc_rc extract(zip_state *z, struct archive *a, struct archive_entry *e, l
         if (got == 0)
             break;
         if (got < 0) {
-            rc = lc_err_set(err, LC_ERR_INVALID, "could not extract zip entry \"%s\": %s",
-                            it->name, archive_error_string(a) ? archive_error_string(a)
-                                                              : "unknown error");
+            rc = lc_err_set(err, LC_ERR_INVALID, "could not extract zip entry \"%s\": %s", it->name,
+                            archive_error_string(a) ? archive_error_string(a) : "unknown error");
             break;
         }
         it->size += got;
@@ -101,8 +100,7 @@ static lc_rc extract(zip_state *z, struct archive *a, struct archive_entry *e, l
         long long packed = (long long)archive_filter_bytes(a, -1);
         if (z->expanded > BOMB_GRACE && z->expanded > BOMB_RATIO * (packed > 0 ? packed : 1)) {
             rc = lc_err_set(err, LC_ERR_TOO_LARGE,
-                            "the zip expands more than %d-fold: refused as a zip bomb",
-                            BOMB_RATIO);
+                            "the zip expands more than %d-fold: refused as a zip bomb", BOMB_RATIO);
             break;
         }
         const char *p = z->buf;
@@ -198,8 +196,8 @@ int gw_zip_post(gw_req *r)
     }
     if (accepted == 0) {
         code = 400;
-        snprintf(detail, sizeof(detail), "the zip holds no DICOM file (%d file%s looked at)",
-                 z.n, z.n == 1 ? "" : "s");
+        snprintf(detail, sizeof(detail), "the zip holds no DICOM file (%d file%s looked at)", z.n,
+                 z.n == 1 ? "" : "s");
         goto out;
     }
     if (gw_ingest_commit(r, z.items, (size_t)z.n, "http", &err) != LC_OK) {

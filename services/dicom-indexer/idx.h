@@ -58,14 +58,14 @@ typedef struct idx_ctx {
     lc_counter *m_inserted, *m_replaced, *m_duplicate, *m_quarantined, *m_completed;
     lc_histogram *m_batch;
     /* ingest (idx_ingest.c): the parse pool and its metrics */
-    struct idx_pool *pool;          /* owned; without helpers on a single CPU */
-    lc_counter *m_parse_failures;   /* files that are not readable DICOM */
-    lc_histogram *m_batch_size;     /* messages per batch */
-    lc_histogram *m_stage_queue;    /* event time to the start of its batch */
-    lc_histogram *m_stage_load;     /* read, hash and parse of a batch's objects */
-    lc_histogram *m_stage_write;    /* the batch transaction */
+    struct idx_pool *pool;           /* owned; without helpers on a single CPU */
+    lc_counter *m_parse_failures;    /* files that are not readable DICOM */
+    lc_histogram *m_batch_size;      /* messages per batch */
+    lc_histogram *m_stage_queue;     /* event time to the start of its batch */
+    lc_histogram *m_stage_load;      /* read, hash and parse of a batch's objects */
+    lc_histogram *m_stage_write;     /* the batch transaction */
     lc_histogram *m_event_to_commit; /* event time to the committed row, per instance */
-    lc_gauge *m_lag_seconds;        /* now - broker timestamp of the batch's newest message */
+    lc_gauge *m_lag_seconds;         /* now - broker timestamp of the batch's newest message */
 } idx_ctx;
 
 /* Fill x; db, store, prefix and source are borrowed and must outlive it; metrics may be NULL

@@ -93,13 +93,22 @@ static const char upsert_studies_sql[] =
             KEEP("patient_birth_date") KEEP("patient_sex") KEEP("study_date") KEEP("study_time")
                 KEEP("accession_number") KEEP("study_id") KEEP("study_description")
                     KEEP("study_description_norm") KEEP("referring_physician")
-                        KEEP("referring_physician_norm") KEEP("institution_name")
-                            KEEP("timezone_offset") " updated_at = now()"
-    " WHERE (s.patient_key, s.patient_id, s.issuer_of_patient_id, s.patient_name,"
-    " s.patient_birth_date, s.patient_sex, s.study_date, s.study_time, s.accession_number,"
-    " s.study_id, s.study_description, s.referring_physician, s.institution_name,"
-    " s.timezone_offset) IS DISTINCT FROM (" NEWV("patient_key") "," NEWV("patient_id") "," NEWV(
-        "issuer_of_patient_id") "," NEWV("patient_name") "," NEWV("patient_birth_date") "," NEWV("patient_sex") "," NEWV("study_date") "," NEWV("study_time") "," NEWV("accession_number") "," NEWV("study_id") "," NEWV("study_description") "," NEWV("referring_physician") "," NEWV("institution_name") "," NEWV("timezone_offset") ")";
+                        KEEP("referring_physician_norm")
+                            KEEP("institution_name")
+                                KEEP(
+                                    "timezone_offset") " updated_at = now()"
+                                                       " WHERE (s.patient_key, s.patient_id, "
+                                                       "s.issuer_of_patient_id, s.patient_name,"
+                                                       " s.patient_birth_date, s.patient_sex, "
+                                                       "s.study_date, s.study_time, "
+                                                       "s.accession_number,"
+                                                       " s.study_id, s.study_description, "
+                                                       "s.referring_physician, s.institution_name,"
+                                                       " s.timezone_offset) IS DISTINCT FROM "
+                                                       "(" NEWV("patient_key") "," NEWV("patient_"
+                                                                                        "id") "," NEWV("issuer_of_patient_id") "," NEWV("patient_name") "," NEWV("patient_birth_date") "," NEWV("patient_sex") "," NEWV("study_date") "," NEWV(
+                                                           "study_time") "," NEWV("accession_"
+                                                                                  "number") "," NEWV("study_id") "," NEWV("study_description") "," NEWV("referring_physician") "," NEWV("institution_name") "," NEWV("timezone_offset") ")";
 
 static const char upsert_series_sql[] =
     "INSERT INTO series AS s (series_uid, study_uid, modality, series_number,"
@@ -110,16 +119,24 @@ static const char upsert_series_sql[] =
     " r.series_number, r.series_description, r.body_part_examined, r.series_date,"
     " r.series_time, r.pps_start_date, r.pps_start_time, r.request_attributes::jsonb"
     " FROM idx_stage r ORDER BY r.series_uid, r.ord DESC"
-    " ON CONFLICT (series_uid) DO UPDATE SET study_uid = EXCLUDED.study_uid," KEEP("modality")
-        KEEP("series_number") KEEP("series_description") KEEP("body_part_examined")
-            KEEP("series_date") KEEP("series_time") KEEP("performed_procedure_step_start_date")
-                KEEP("performed_procedure_step_start_time") KEEP("request_attributes")
-    " updated_at = now()"
-    " WHERE (s.study_uid, s.modality, s.series_number, s.series_description,"
-    " s.body_part_examined, s.series_date, s.series_time, s.performed_procedure_step_start_date,"
-    " s.performed_procedure_step_start_time, s.request_attributes) IS DISTINCT FROM"
-    " (EXCLUDED.study_uid," NEWV("modality") "," NEWV("series_number") "," NEWV(
-        "series_description") "," NEWV("body_part_examined") "," NEWV("series_date") "," NEWV("series_time") "," NEWV("performed_procedure_step_start_date") "," NEWV("performed_procedure_step_start_time") "," NEWV("request_attributes") ")";
+    " ON CONFLICT (series_uid) DO UPDATE SET study_uid = EXCLUDED.study_uid," KEEP("modality") KEEP(
+        "series_number") KEEP("series_description") KEEP("body_part_examined") KEEP("series_date")
+        KEEP("series_time") KEEP("performed_procedure_step_start_date") KEEP(
+            "performed_procedure_step_start_time")
+            KEEP("request_attributes") " updated_at = now()"
+                                       " WHERE (s.study_uid, s.modality, s.series_number, "
+                                       "s.series_description,"
+                                       " s.body_part_examined, s.series_date, s.series_time, "
+                                       "s.performed_procedure_step_start_date,"
+                                       " s.performed_procedure_step_start_time, "
+                                       "s.request_attributes) IS DISTINCT FROM"
+                                       " (EXCLUDED.study_uid," NEWV("modality") "," NEWV("series_"
+                                                                                         "number") "," NEWV("series_description") "," NEWV("body_part_examined") "," NEWV("series_date") "," NEWV(
+                                           "series_time") "," NEWV("performed_procedure_step_start_"
+                                                                   "date") "," NEWV("performed_"
+                                                                                    "procedure_"
+                                                                                    "step_start_"
+                                                                                    "time") "," NEWV("request_attributes") ")";
 #undef KEEP
 #undef NEWV
 
@@ -509,8 +526,7 @@ static lc_rc pq_fail(lc_db *db, PGresult *r, const char *what, lc_err *err)
         rc = LC_ERR_UNAVAILABLE;
     else if (state && (strcmp(state, "40001") == 0 || strcmp(state, "40P01") == 0))
         rc = LC_ERR_CONFLICT;
-    return lc_err_set(err, rc, "could not %s: %s (SQLSTATE %s)", what, msg,
-                      state ? state : "none");
+    return lc_err_set(err, rc, "could not %s: %s (SQLSTATE %s)", what, msg, state ? state : "none");
 }
 
 /* COPY rows (b) with sql ("COPY ... FROM STDIN"). */

@@ -50,7 +50,7 @@ const size_t idx_cfg_nvars = sizeof(idx_cfg_vars) / sizeof(idx_cfg_vars[0]);
 static const double kSizeBuckets[] = {1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000};
 /* Latency buckets (seconds) from a millisecond to a minute. */
 static const double kLatBuckets[] = {0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25,
-                                     0.5,   1,      2.5,   5,    10,    30,    60};
+                                     0.5,   1,      2.5,   5,    10,    30,   60};
 #define NB(a) (sizeof(a) / sizeof((a)[0]))
 
 lc_rc idx_init(idx_ctx *x, lc_db *db, lc_store *store, const char *prefix, const char *source,
@@ -98,23 +98,21 @@ lc_rc idx_init(idx_ctx *x, lc_db *db, lc_store *store, const char *prefix, const
         x->m_parse_failures =
             lc_metrics_counter(metrics, "radpipe_indexer_parse_failures_total",
                                "objects that are not readable DICOM (quarantined)", NULL);
-        x->m_batch_size =
-            lc_metrics_histogram(metrics, "radpipe_indexer_batch_size",
-                                 "instance.stored messages per batch", NULL, kSizeBuckets,
-                                 NB(kSizeBuckets));
-        x->m_stage_queue = lc_metrics_histogram(metrics, "radpipe_indexer_stage_seconds",
-                                                stage_help, "stage=\"queue\"", kLatBuckets,
-                                                NB(kLatBuckets));
-        x->m_stage_load = lc_metrics_histogram(metrics, "radpipe_indexer_stage_seconds",
-                                               stage_help, "stage=\"load\"", kLatBuckets,
-                                               NB(kLatBuckets));
-        x->m_stage_write = lc_metrics_histogram(metrics, "radpipe_indexer_stage_seconds",
-                                                stage_help, "stage=\"write\"", kLatBuckets,
-                                                NB(kLatBuckets));
+        x->m_batch_size = lc_metrics_histogram(metrics, "radpipe_indexer_batch_size",
+                                               "instance.stored messages per batch", NULL,
+                                               kSizeBuckets, NB(kSizeBuckets));
+        x->m_stage_queue =
+            lc_metrics_histogram(metrics, "radpipe_indexer_stage_seconds", stage_help,
+                                 "stage=\"queue\"", kLatBuckets, NB(kLatBuckets));
+        x->m_stage_load = lc_metrics_histogram(metrics, "radpipe_indexer_stage_seconds", stage_help,
+                                               "stage=\"load\"", kLatBuckets, NB(kLatBuckets));
+        x->m_stage_write =
+            lc_metrics_histogram(metrics, "radpipe_indexer_stage_seconds", stage_help,
+                                 "stage=\"write\"", kLatBuckets, NB(kLatBuckets));
         x->m_event_to_commit = lc_metrics_histogram(
             metrics, "radpipe_indexer_event_to_commit_seconds",
-            "event time of an instance.stored to its committed index row, per new instance",
-            NULL, kLatBuckets, NB(kLatBuckets));
+            "event time of an instance.stored to its committed index row, per new instance", NULL,
+            kLatBuckets, NB(kLatBuckets));
         x->m_lag_seconds = lc_metrics_gauge(
             metrics, "radpipe_indexer_consumer_lag_seconds",
             "age of the newest message of the latest batch when it was handled (consumer lag "
@@ -478,8 +476,8 @@ static void keep_bytes(idx_ctx *x, idx_item *it, const char *path)
     lc_err e = {0};
     origin_of(it, origin, sizeof(origin));
     lc_rc rc = idx_quarantine_put(x->store, origin, path, 0, path ? NULL : it->msg->payload,
-                                  path ? 0 : it->msg->len, it->reason,
-                                  it->ev ? it->ev->id : NULL, &it->qkey, &e);
+                                  path ? 0 : it->msg->len, it->reason, it->ev ? it->ev->id : NULL,
+                                  &it->qkey, &e);
     if (rc != LC_OK) {
         it->load_rc = lc_rc_is_transient(rc) ? rc : LC_ERR_STORE;
         snprintf(it->load_err, sizeof(it->load_err), "%s", lc_err_msg(&e));
@@ -517,8 +515,8 @@ static void load_object(idx_ctx *x, idx_item *it, size_t i)
     if (rc != LC_OK) {
         if (lc_rc_is_transient(rc) && rc != LC_ERR_IO) {
             it->load_rc = rc;
-            snprintf(it->load_err, sizeof(it->load_err), "could not read the object of event %s: %s",
-                     it->ev->id, lc_err_msg(&e));
+            snprintf(it->load_err, sizeof(it->load_err),
+                     "could not read the object of event %s: %s", it->ev->id, lc_err_msg(&e));
             goto out;
         }
         it->parse_failed = rc == LC_ERR_DICOM;
@@ -638,9 +636,8 @@ static void observe(idx_ctx *x, const idx_item *items, size_t n, int64_t t0, int
         lc_histogram_observe(x->m_stage_queue,
                              start > it->event_ms ? (double)(start - it->event_ms) / 1000.0 : 0);
         if (it->result == IDX_R_INSERTED || it->result == IDX_R_REPLACED)
-            lc_histogram_observe(x->m_event_to_commit, now > it->event_ms
-                                                           ? (double)(now - it->event_ms) / 1000.0
-                                                           : 0);
+            lc_histogram_observe(x->m_event_to_commit,
+                                 now > it->event_ms ? (double)(now - it->event_ms) / 1000.0 : 0);
     }
     if (newest > 0)
         lc_gauge_set(x->m_lag_seconds, start > newest ? (double)(start - newest) / 1000.0 : 0);
@@ -665,8 +662,7 @@ lc_rc idx_handle_batch(void *ctx, const lc_kafka_msg *msgs, size_t n, lc_err *er
     if ((rc = lc_db_ensure(x->db, err)) != LC_OK ||
         (rc = idx_db_mark_processed(x->db, items, n, err)) != LC_OK)
         goto out;
-    if (strncmp(lc_store_url(x->store), "file://", 7) != 0 &&
-        (rc = ensure_tmpdir(x, err)) != LC_OK)
+    if (strncmp(lc_store_url(x->store), "file://", 7) != 0 && (rc = ensure_tmpdir(x, err)) != LC_OK)
         goto out;
     if ((rc = mark_repeats(items, n, 1, err)) != LC_OK)
         goto out;

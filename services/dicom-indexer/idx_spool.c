@@ -38,7 +38,7 @@ typedef struct watch {
 } watch;
 
 typedef struct pending {
-    char *rel;         /* path below the spool folder */
+    char *rel;          /* path below the spool folder */
     int64_t not_before; /* lc_now_ms(); 0: take it now */
     int from_scan;      /* found by a scan: only taken once it has settled */
 } pending;
@@ -64,8 +64,8 @@ struct idx_spool {
 typedef struct sfile {
     char *rel, *path;
     lc_dicom_header *h;
-    char *key;     /* store key (stored) or quarantine key */
-    lc_event *ev;  /* stored: its instance.stored event */
+    char *key;    /* store key (stored) or quarantine key */
+    lc_event *ev; /* stored: its instance.stored event */
     char reason[320];
     int quarantined;
     long long size;

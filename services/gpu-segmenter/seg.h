@@ -79,16 +79,16 @@ struct gpu_nn_model;
 
 typedef struct seg_model {
     seg_model_desc d;
-    char sha256[65];          /* of model.onnx */
+    char sha256[65]; /* of model.onnx */
     long long onnx_bytes;
-    struct gpu_nn_model *nn;  /* owned: resident on the context */
-    size_t params;            /* weights after folding, as the engine counts them */
+    struct gpu_nn_model *nn; /* owned: resident on the context */
+    size_t params;           /* weights after folding, as the engine counts them */
     double load_seconds;
-    lc_counter *jobs;         /* radpipe_model_jobs_total{model} */
+    lc_counter *jobs; /* radpipe_model_jobs_total{model} */
 } seg_model;
 
 typedef struct seg_model_failure {
-    char name[65];  /* the folder */
+    char name[65]; /* the folder */
     char error[512];
 } seg_model_failure;
 
@@ -143,11 +143,11 @@ typedef struct seg_frame_in {
 /* The frames as a stack of nz positions by nt time points. */
 typedef struct seg_stack {
     size_t nz, nt;
-    size_t *order;      /* nz * nt input indices: order[t * nz + k] (caller frees) */
-    double normal[3];   /* row cosine x column cosine */
-    double step[3];     /* LPS mm from slice k to k + 1 (see seg_geom_stack) */
+    size_t *order;           /* nz * nt input indices: order[t * nz + k] (caller frees) */
+    double normal[3];        /* row cosine x column cosine */
+    double step[3];          /* LPS mm from slice k to k + 1 (see seg_geom_stack) */
     double gap_min, gap_max; /* distances between neighbouring positions along the normal */
-    int uniform;        /* 1 when every gap equals the smallest within tolerance */
+    int uniform;             /* 1 when every gap equals the smallest within tolerance */
 } seg_stack;
 
 /* Check and order the frames: equal sizes, every frame with a position and orientation,
@@ -182,7 +182,7 @@ typedef struct seg_volume {
     double slice_thickness; /* mm; the slice spacing when the objects give none */
     int spacing_uniform;
     double gap_min, gap_max;
-    seg_slice *slices; /* nz * nt: slice k of time point t at [t * nz + k] */
+    seg_slice *slices;            /* nz * nt: slice k of time point t at [t * nz + k] */
     lc_dicom_header *ref;         /* the first object's header: patient, study, modality */
     char *frame_of_reference_uid; /* NULL when absent */
     int acq_3d;                   /* MRAcquisitionType 3D (NIfTI is then reoriented) */
@@ -240,7 +240,7 @@ typedef struct seg_params {
     double lower, upper;               /* threshold: HU range (inclusive) */
     seg_morph_step morph[SEG_MAX_MORPH];
     int nmorph;
-    int connectivity;     /* 6 or 26 */
+    int connectivity;       /* 6 or 26 */
     long long keep_largest; /* 0 = all components */
     double min_component_mm3;
     seg_fill fill;
@@ -257,9 +257,9 @@ lc_rc seg_params_parse(const cJSON *params, seg_params *p, lc_err *err);
 /* ---- algorithms (seg_algo.c) -------------------------------------------------------------- */
 
 typedef struct seg_algo_stats {
-    float threshold;     /* Otsu's threshold, or the range's lower bound */
-    uint64_t voxels;     /* voxels in the mask */
-    size_t components;   /* components kept (0 when no component step ran) */
+    float threshold;   /* Otsu's threshold, or the range's lower bound */
+    uint64_t voxels;   /* voxels in the mask */
+    size_t components; /* components kept (0 when no component step ran) */
 } seg_algo_stats;
 
 /* Run p's algorithm on one nx*ny*nz float volume (host, borrowed) and write the mask (0/1)
@@ -272,10 +272,10 @@ lc_rc seg_algo_run(gpu_ctx *ctx, const seg_params *p, const float *vol, size_t n
 /* ---- model inference (seg_infer.c) -------------------------------------------------------- */
 
 typedef struct seg_infer_stats {
-    size_t rdims[3];     /* the grid the network saw: x, y, z at the model's spacing */
-    int resampled;       /* 0 when the series already had the model's spacing */
-    size_t patches;      /* sliding-window patches (each run once, or mirrored) */
-    double seconds;      /* the sliding window alone */
+    size_t rdims[3]; /* the grid the network saw: x, y, z at the model's spacing */
+    int resampled;   /* 0 when the series already had the model's spacing */
+    size_t patches;  /* sliding-window patches (each run once, or mirrored) */
+    double seconds;  /* the sliding window alone */
 } seg_infer_stats;
 
 /* Run model m on one nx*ny*nz float volume (host, borrowed, x fastest; HU on CT) of voxel
@@ -286,9 +286,9 @@ typedef struct seg_infer_stats {
  * patches as steps and stops the window when the job must stop (LC_ERR_CANCELLED). Errors
  * of the engine come back as they are (LC_ERR_TOO_LARGE over RADPIPE_GPU_MEMORY_LIMIT);
  * without the engine in the build: LC_ERR_UNSUPPORTED. */
-lc_rc seg_infer_run(gpu_ctx *ctx, seg_model *m, const float *vol, size_t nx, size_t ny,
-                    size_t nz, const double sp[3], seg_progress *pr, uint8_t *labels,
-                    seg_infer_stats *st, lc_err *err);
+lc_rc seg_infer_run(gpu_ctx *ctx, seg_model *m, const float *vol, size_t nx, size_t ny, size_t nz,
+                    const double sp[3], seg_progress *pr, uint8_t *labels, seg_infer_stats *st,
+                    lc_err *err);
 /* 1 when this build holds the inference engine (gpu/nn). */
 int seg_infer_available(void);
 
@@ -304,12 +304,12 @@ typedef struct seg_nifti_geom {
 lc_rc seg_nifti_geometry(const seg_volume *v, seg_nifti_geom *g, size_t **map, lc_err *err);
 /* Write mask (nx*ny*nz*nt, volume order) as a gzip'd NIfTI-1 file at path (".nii.gz");
  * max_label: the largest value (cal_max; 1 for a binary mask, else a label map). */
-lc_rc seg_nifti_write(const seg_volume *v, const uint8_t *mask, int max_label,
-                      const char *descrip, const char *path, lc_err *err);
+lc_rc seg_nifti_write(const seg_volume *v, const uint8_t *mask, int max_label, const char *descrip,
+                      const char *path, lc_err *err);
 
 /* The DICOM SEG of mask (volume order): one segment (label 1). */
-lc_rc seg_dcmseg_build(const seg_volume *v, const uint8_t *mask, const seg_params *p,
-                       void **buf, size_t *len, char sop_uid[65], lc_err *err);
+lc_rc seg_dcmseg_build(const seg_volume *v, const uint8_t *mask, const seg_params *p, void **buf,
+                       size_t *len, char sop_uid[65], lc_err *err);
 /* The DICOM SEG of a model's label map (volume order, values 0..nlabels): one segment per
  * model label, coded as model.json says, in label order. */
 lc_rc seg_dcmseg_build_model(const seg_volume *v, const uint8_t *labels, const seg_model *m,

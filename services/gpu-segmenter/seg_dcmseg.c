@@ -11,8 +11,8 @@
 #include "seg.h"
 
 static lc_rc build(const seg_volume *v, const uint8_t *labels, const lc_dicom_seg_segment *segs,
-                   int nsegs, const char *desc, const char *content_label, void **buf,
-                   size_t *len, char sop_uid[65], lc_err *err)
+                   int nsegs, const char *desc, const char *content_label, void **buf, size_t *len,
+                   char sop_uid[65], lc_err *err)
 {
     char series_uid[65];
     size_t ns = v->nz * v->nt;
@@ -55,8 +55,8 @@ static lc_rc build(const seg_volume *v, const uint8_t *labels, const lc_dicom_se
     return rc;
 }
 
-lc_rc seg_dcmseg_build(const seg_volume *v, const uint8_t *mask, const seg_params *p,
-                       void **buf, size_t *len, char sop_uid[65], lc_err *err)
+lc_rc seg_dcmseg_build(const seg_volume *v, const uint8_t *mask, const seg_params *p, void **buf,
+                       size_t *len, char sop_uid[65], lc_err *err)
 {
     char desc[96];
     lc_dicom_seg_segment seg = {

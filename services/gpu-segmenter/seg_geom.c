@@ -11,7 +11,7 @@
 #include <string.h>
 #include "seg.h"
 
-#define ORIENT_TOL 1e-3 /* direction cosines */
+#define ORIENT_TOL  1e-3 /* direction cosines */
 #define SAME_POS_MM 0.01 /* positions closer than this along the normal are one slice */
 
 typedef struct item {
@@ -63,8 +63,8 @@ static lc_rc check_frames(const seg_frame_in *f, size_t n, lc_err *err)
         if (f[i].rows != f[0].rows || f[i].cols != f[0].cols)
             return lc_err_set(err, LC_ERR_INVALID,
                               "mixed slice sizes in the series: %dx%d (%s) and %dx%d (%s)",
-                              f[0].cols, f[0].rows, who(&f[0], a, sizeof(a)), f[i].cols,
-                              f[i].rows, who(&f[i], b, sizeof(b)));
+                              f[0].cols, f[0].rows, who(&f[0], a, sizeof(a)), f[i].cols, f[i].rows,
+                              who(&f[i], b, sizeof(b)));
         if (n > 1 && (!f[i].has_ipp || !f[i].has_iop))
             return lc_err_set(err, LC_ERR_INVALID,
                               "%s lacks ImagePositionPatient or ImageOrientationPatient: slices "
@@ -112,8 +112,8 @@ static lc_rc check_gaps(const item *rep, size_t nz, seg_stack *out, lc_err *err)
     return lc_err_set(err, LC_ERR_INVALID,
                       "missing slices: %.3f mm between %s and %s where the series steps %.3f mm "
                       "(about %.0f slices missing)",
-                      g, who(rep[first_big - 1].f, a, sizeof(a)), who(rep[first_big].f, b, sizeof(b)),
-                      gmin, round(g / gmin) - 1);
+                      g, who(rep[first_big - 1].f, a, sizeof(a)),
+                      who(rep[first_big].f, b, sizeof(b)), gmin, round(g / gmin) - 1);
 }
 
 lc_rc seg_geom_stack(const seg_frame_in *f, size_t n, seg_stack *out, lc_err *err)
@@ -217,8 +217,8 @@ lc_rc seg_geom_stack(const seg_frame_in *f, size_t n, seg_stack *out, lc_err *er
                 rc = lc_err_set(err, LC_ERR_INVALID,
                                 "slice positions are not on one line: %s is %.2f mm off the "
                                 "stack through %s and %s",
-                                who(rep[k].f, a, sizeof(a)), sqrt(off),
-                                who(rep[0].f, b, sizeof(b)), rep[nz - 1].f->sop_uid);
+                                who(rep[k].f, a, sizeof(a)), sqrt(off), who(rep[0].f, b, sizeof(b)),
+                                rep[nz - 1].f->sop_uid);
                 goto out;
             }
         }

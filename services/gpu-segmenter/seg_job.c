@@ -31,8 +31,7 @@ const lc_cfg_var seg_cfg_vars[] = {
     {"RADPIPE_SEG_THREADS", LC_CFG_INT, "0", 0, 1024, 0, NULL,
      "threads of the CPU backend, 0 = one per online CPU", OFF(cpu_threads)},
     {"RADPIPE_SEG_MAX_VOXELS", LC_CFG_INT, "1073741824", 1, 68719476736.0, 0, NULL,
-     "largest series (voxels, all time points) a job assembles; larger ones fail",
-     OFF(max_voxels)},
+     "largest series (voxels, all time points) a job assembles; larger ones fail", OFF(max_voxels)},
     {"RADPIPE_SEG_STOW_URL", LC_CFG_STR, "", 0, -1, 0, NULL,
      "DICOMweb STOW-RS endpoint (e.g. http://pacs/dicom-web/studies) the DICOM SEG is sent to; "
      "empty = none",
@@ -73,10 +72,9 @@ lc_rc seg_init(seg_ctx *c, lc_service *svc, const seg_cfg *cfg, lc_err *err)
     if ((rc = seg_models_load(&c->models, c->gpu, cfg->models_dir, svc->metrics, err)) != LC_OK)
         return rc;
     if (cfg->models_dir && cfg->models_dir[0])
-        lc_log_info("models ready", LC_LS("dir", cfg->models_dir),
-                    LC_LI("loaded", (long long)c->models.n),
-                    LC_LI("failed", (long long)c->models.failed),
-                    LC_LB("engine", seg_infer_available()));
+        lc_log_info(
+            "models ready", LC_LS("dir", cfg->models_dir), LC_LI("loaded", (long long)c->models.n),
+            LC_LI("failed", (long long)c->models.failed), LC_LB("engine", seg_infer_available()));
     if (svc->db && c->models.n) {
         char owner[300], host[256] = "";
         gethostname(host, sizeof(host) - 1);
@@ -290,8 +288,10 @@ static lc_rc model_job(seg_ctx *c, lc_worker_job *j, seg_model *m, const char *s
         goto out;
     const char *modality = v->ref && v->ref->modality ? v->ref->modality : "";
     if (strcmp(modality, d->modality) != 0) {
-        rc = lc_err_set(err, LC_ERR_UNSUPPORTED, "model \"%s\" is for %s images; the series is "
-                        "\"%s\"", d->name, d->modality, modality);
+        rc = lc_err_set(err, LC_ERR_UNSUPPORTED,
+                        "model \"%s\" is for %s images; the series is "
+                        "\"%s\"",
+                        d->name, d->modality, modality);
         goto out;
     }
     if (!v->spacing_uniform) {
@@ -335,12 +335,11 @@ static lc_rc model_job(seg_ctx *c, lc_worker_job *j, seg_model *m, const char *s
         goto out;
     seg_progress_step(&pr, 1, 1);
     if ((rc = seg_dcmseg_build_model(v, labels, m, &o.dcm, &o.dcm_len, o.seg_uid, err)) != LC_OK ||
-        (rc = put_artifact(c, j, "segmentation.dcm", o.dcm, o.dcm_len, "application/dicom",
-                           err)) != LC_OK)
+        (rc = put_artifact(c, j, "segmentation.dcm", o.dcm, o.dcm_len, "application/dicom", err)) !=
+            LC_OK)
         goto out;
     seg_progress_step(&pr, 1, 1);
-    if ((rc = seg_png_montage(v, labels, (const uint8_t(*)[3])pal, &png, &png_len, err)) !=
-            LC_OK ||
+    if ((rc = seg_png_montage(v, labels, (const uint8_t(*)[3])pal, &png, &png_len, err)) != LC_OK ||
         (rc = put_artifact(c, j, "preview.png", png, png_len, "image/png", err)) != LC_OK)
         goto out;
     seg_progress_step(&pr, 1, 1);
@@ -426,9 +425,10 @@ lc_rc seg_job(void *ctx, lc_worker_job *j, cJSON **result, lc_err *err)
     seg_progress_step(&pr, 1, 1);
 
     if ((rc = stopped(&pr, "before writing the outputs", err)) != LC_OK ||
-        (rc = put_nifti(c, j, v, mask, 1, p.algorithm == SEG_ALGO_OTSU ? "otsu mask"
-                                          : p.algorithm == SEG_ALGO_BODY ? "body mask"
-                                                                          : "threshold mask",
+        (rc = put_nifti(c, j, v, mask, 1,
+                        p.algorithm == SEG_ALGO_OTSU   ? "otsu mask"
+                        : p.algorithm == SEG_ALGO_BODY ? "body mask"
+                                                       : "threshold mask",
                         err)) != LC_OK)
         goto out;
     seg_progress_step(&pr, 1, 1);

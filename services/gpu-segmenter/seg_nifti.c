@@ -124,8 +124,8 @@ static lc_rc write_gz(const char *path, const void *const *parts, const size_t *
     return LC_OK;
 }
 
-lc_rc seg_nifti_write(const seg_volume *v, const uint8_t *mask, int max_label,
-                      const char *descrip, const char *path, lc_err *err)
+lc_rc seg_nifti_write(const seg_volume *v, const uint8_t *mask, int max_label, const char *descrip,
+                      const char *path, lc_err *err)
 {
     seg_nifti_geom g;
     size_t *map = NULL;
@@ -139,8 +139,8 @@ lc_rc seg_nifti_write(const seg_volume *v, const uint8_t *mask, int max_label,
         rc = lc_err_set(err, LC_ERR_UNSUPPORTED, "volume too large for NIfTI-1 dimensions");
         goto out;
     }
-    int dims[8] = {v->nt > 1 ? 4 : 3, (int)g.dims[0], (int)g.dims[1], (int)g.dims[2],
-                   (int)v->nt, 1, 1, 1};
+    int dims[8] = {
+        v->nt > 1 ? 4 : 3, (int)g.dims[0], (int)g.dims[1], (int)g.dims[2], (int)v->nt, 1, 1, 1};
     nim = nifti_make_new_nim(dims, DT_UINT8, 0);
     for (int d = dims[0] + 1; nim && d < 8; d++)
         nim->dim[d] = 1; /* unused dimensions are 1, as dcm2niix writes them */

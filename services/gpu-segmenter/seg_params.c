@@ -136,11 +136,11 @@ static lc_rc check_model(const seen *s, lc_err *err)
     const struct {
         const cJSON *it;
         const char *name;
-    } algo[] = {{s->nbins, "nbins"},        {s->window, "window"},
-                {s->lower, "lower"},        {s->upper, "upper"},
-                {s->morph, "morphology"},   {s->conn, "connectivity"},
-                {s->keep, "keep_largest"},  {s->minc, "min_component_mm3"},
-                {s->fill, "fill_holes"},    {s->label, "label"}};
+    } algo[] = {{s->nbins, "nbins"},       {s->window, "window"},
+                {s->lower, "lower"},       {s->upper, "upper"},
+                {s->morph, "morphology"},  {s->conn, "connectivity"},
+                {s->keep, "keep_largest"}, {s->minc, "min_component_mm3"},
+                {s->fill, "fill_holes"},   {s->label, "label"}};
     for (size_t i = 0; i < sizeof(algo) / sizeof(algo[0]); i++)
         if (algo[i].it)
             return lc_err_set(err, LC_ERR_INVALID,
@@ -169,8 +169,9 @@ static lc_rc check_applicable(const seen *s, seg_algorithm a, lc_err *err)
     const char *name = seg_algorithm_name(a);
     if (a == SEG_ALGO_THRESHOLD) {
         if (!s->lower && !s->upper)
-            return lc_err_set(err, LC_ERR_INVALID,
-                              "params.lower or params.upper is required by algorithm \"threshold\"");
+            return lc_err_set(
+                err, LC_ERR_INVALID,
+                "params.lower or params.upper is required by algorithm \"threshold\"");
         if (s->nbins)
             return lc_err_set(err, LC_ERR_INVALID,
                               "params.nbins does not apply to algorithm \"threshold\"");
@@ -243,7 +244,8 @@ lc_rc seg_params_parse(const cJSON *params, seg_params *p, lc_err *err)
             snprintf(p->series_uid, sizeof(p->series_uid), "%s", it->valuestring);
         } else if (strcmp(k, "nbins") == 0) {
             if (!is_integer(it, 2, 4096))
-                return lc_err_set(err, LC_ERR_INVALID, "params.nbins must be an integer in [2, 4096]");
+                return lc_err_set(err, LC_ERR_INVALID,
+                                  "params.nbins must be an integer in [2, 4096]");
             p->nbins = (int)it->valuedouble;
             s.nbins = it;
         } else if (strcmp(k, "window") == 0) {
@@ -277,7 +279,8 @@ lc_rc seg_params_parse(const cJSON *params, seg_params *p, lc_err *err)
             s.keep = it;
         } else if (strcmp(k, "min_component_mm3") == 0) {
             if (!is_number(it) || it->valuedouble < 0)
-                return lc_err_set(err, LC_ERR_INVALID, "params.min_component_mm3 must be a number >= 0");
+                return lc_err_set(err, LC_ERR_INVALID,
+                                  "params.min_component_mm3 must be a number >= 0");
             p->min_component_mm3 = it->valuedouble;
             s.minc = it;
         } else if (strcmp(k, "fill_holes") == 0) {
@@ -321,6 +324,8 @@ lc_rc seg_params_parse(const cJSON *params, seg_params *p, lc_err *err)
         p->fill = body ? SEG_FILL_2D : SEG_FILL_NONE;
     if (!p->label[0])
         snprintf(p->label, sizeof(p->label), "%s",
-                 body ? "Body" : p->algorithm == SEG_ALGO_OTSU ? "Otsu foreground" : "Threshold");
+                 body                            ? "Body"
+                 : p->algorithm == SEG_ALGO_OTSU ? "Otsu foreground"
+                                                 : "Threshold");
     return LC_OK;
 }

@@ -13,7 +13,7 @@
 #include <string.h>
 #include "seg.h"
 
-#define TILE 256
+#define TILE      256
 #define MAX_TILES 16
 
 typedef struct membuf {
@@ -133,9 +133,9 @@ lc_rc seg_png_montage(const seg_volume *v, const uint8_t *mask, const uint8_t (*
         sy[y] = (size_t)(((double)y + 0.5) * (double)v->ny / (double)th);
     size_t plane = v->nx * v->ny;
     for (size_t t = 0; t < ntiles; t++) {
-        size_t k = ntiles > 1 ? (size_t)llround((double)t * (double)(v->nz - 1) /
-                                                (double)(ntiles - 1))
-                              : 0;
+        size_t k = ntiles > 1
+                       ? (size_t)llround((double)t * (double)(v->nz - 1) / (double)(ntiles - 1))
+                       : 0;
         const float *sl = v->data + k * plane;
         const uint8_t *ml = mask + k * plane;
         size_t ox = (t % cols) * tw, oy = (t / cols) * th;

@@ -31,8 +31,8 @@ lc_rc seg_stow(const char *url, const char *token, const void *buf, size_t len, 
     lc_uuid_v4(uuid);
     snprintf(boundary, sizeof(boundary), "radpipe-%s", uuid);
     char head[160], tail[96];
-    int hl = snprintf(head, sizeof(head), "--%s\r\nContent-Type: application/dicom\r\n\r\n",
-                      boundary);
+    int hl =
+        snprintf(head, sizeof(head), "--%s\r\nContent-Type: application/dicom\r\n\r\n", boundary);
     int tl = snprintf(tail, sizeof(tail), "\r\n--%s--\r\n", boundary);
     size_t total = (size_t)hl + len + (size_t)tl;
     if (!(body = malloc(total)))

@@ -54,8 +54,8 @@ void seg_volume_free(seg_volume *v)
 typedef struct object {
     const char *sop_uid, *key, *sop_class; /* borrowed from the query result */
     long instance_number;
-    char *path;         /* local file (owned) */
-    int temp;           /* path is a temporary copy to delete */
+    char *path; /* local file (owned) */
+    int temp;   /* path is a temporary copy to delete */
     lc_dicom_image_info *info;
     size_t first_frame; /* index of its first frame in the frame list */
 } object;
@@ -64,13 +64,13 @@ typedef struct object {
 static int non_image_class(const char *uid)
 {
     static const char *const prefixes[] = {
-        "1.2.840.10008.5.1.4.1.1.66", /* raw data, spatial registration, SEG, surfaces */
-        "1.2.840.10008.5.1.4.1.1.481.",  /* RT objects */
-        "1.2.840.10008.5.1.4.1.1.88.",   /* structured reports */
-        "1.2.840.10008.5.1.4.1.1.104.",  /* encapsulated documents */
-        "1.2.840.10008.5.1.4.1.1.11.",   /* presentation states */
-        "1.2.840.10008.5.1.4.1.1.9.",    /* waveforms */
-        "1.2.840.10008.5.1.4.1.1.30",    /* parametric maps (float pixels) */
+        "1.2.840.10008.5.1.4.1.1.66",   /* raw data, spatial registration, SEG, surfaces */
+        "1.2.840.10008.5.1.4.1.1.481.", /* RT objects */
+        "1.2.840.10008.5.1.4.1.1.88.",  /* structured reports */
+        "1.2.840.10008.5.1.4.1.1.104.", /* encapsulated documents */
+        "1.2.840.10008.5.1.4.1.1.11.",  /* presentation states */
+        "1.2.840.10008.5.1.4.1.1.9.",   /* waveforms */
+        "1.2.840.10008.5.1.4.1.1.30",   /* parametric maps (float pixels) */
     };
     for (size_t i = 0; i < sizeof(prefixes) / sizeof(prefixes[0]); i++)
         if (strncmp(uid, prefixes[i], strlen(prefixes[i])) == 0)
@@ -126,9 +126,8 @@ static lc_rc read_objects(const PGresult *res, lc_store *store, object *obj, int
             return lc_err_wrap(err, "could not read instance %s", o->sop_uid);
         const lc_dicom_header *h = o->info->hdr;
         if (strcmp(h->sop_instance_uid, o->sop_uid) != 0)
-            return lc_err_set(err, LC_ERR_INVALID,
-                              "object %s holds instance %s, the index says %s", o->key,
-                              h->sop_instance_uid, o->sop_uid);
+            return lc_err_set(err, LC_ERR_INVALID, "object %s holds instance %s, the index says %s",
+                              o->key, h->sop_instance_uid, o->sop_uid);
         if (h->rows <= 0 || h->columns <= 0 || !h->has_pixel_data)
             return lc_err_set(err, LC_ERR_UNSUPPORTED, "instance %s has no image pixels",
                               o->sop_uid);
@@ -244,8 +243,8 @@ static lc_rc fill_volume(object *obj, int n, const seg_frame_in *fr, const size_
     memcpy(v->iop, iop, sizeof(v->iop));
     v->spacing[0] = g0->has_spacing ? g0->pixel_spacing[1] : 1.0; /* row spacing, col spacing */
     v->spacing[1] = g0->has_spacing ? g0->pixel_spacing[0] : 1.0;
-    double slen = sqrt(st->step[0] * st->step[0] + st->step[1] * st->step[1] +
-                       st->step[2] * st->step[2]);
+    double slen =
+        sqrt(st->step[0] * st->step[0] + st->step[1] * st->step[1] + st->step[2] * st->step[2]);
     double thick = g0->slice_thickness > 0 ? g0->slice_thickness : 0;
     if (st->nz < 2) /* one slice: its thickness, else 1 mm */
         slen = thick > 0 ? thick : 1.0;
@@ -264,8 +263,8 @@ static lc_rc fill_volume(object *obj, int n, const seg_frame_in *fr, const size_
     v->affine[3][3] = 1.0;
     v->acq_3d = in0->mr_acquisition_type && strcmp(in0->mr_acquisition_type, "3D") == 0;
     v->gantry_tilt = in0->gantry_tilt;
-    if (in0->frame_of_reference_uid && !(v->frame_of_reference_uid =
-                                             strdup(in0->frame_of_reference_uid)))
+    if (in0->frame_of_reference_uid &&
+        !(v->frame_of_reference_uid = strdup(in0->frame_of_reference_uid)))
         return lc_err_set(err, LC_ERR_NOMEM, "out of memory");
     for (int i = 0; i < n; i++) {
         for (int k = 0; k < obj[i].info->nframes; k++) {

@@ -31,10 +31,10 @@ typedef struct lc_dicom_frame_geom {
 } lc_dicom_frame_geom;
 
 typedef struct lc_dicom_image_info {
-    lc_dicom_header *hdr; /* owned: the header as lc_dicom_read_header parsed it */
-    int nframes;          /* = hdr->number_of_frames (1 for a single-frame image) */
-    lc_dicom_frame_geom *frames; /* nframes entries, in frame order */
-    int enhanced;                /* 1 when per-frame functional groups were present */
+    lc_dicom_header *hdr;         /* owned: the header as lc_dicom_read_header parsed it */
+    int nframes;                  /* = hdr->number_of_frames (1 for a single-frame image) */
+    lc_dicom_frame_geom *frames;  /* nframes entries, in frame order */
+    int enhanced;                 /* 1 when per-frame functional groups were present */
     char *frame_of_reference_uid; /* NULL when absent */
     char *mr_acquisition_type;    /* "2D", "3D" or NULL */
     char *manufacturer;           /* NULL when absent */
@@ -87,8 +87,8 @@ typedef struct lc_dicom_seg_spec {
     const uint8_t *labels;
     const char *series_description; /* may be NULL */
     int series_number;
-    const char *content_label;      /* ContentLabel (CS: uppercase, <= 16) */
-    const char *software_version;   /* SoftwareVersions */
+    const char *content_label;    /* ContentLabel (CS: uppercase, <= 16) */
+    const char *software_version; /* SoftwareVersions */
 } lc_dicom_seg_spec;
 
 /* Write a binary Segmentation (SOP class 1.2.840.10008.5.1.4.1.1.66.4, explicit VR little
@@ -96,8 +96,8 @@ typedef struct lc_dicom_seg_spec {
  * (derivation image -> source instance and frame, plane position, segment identification,
  * dimension indices) and the Common Instance Reference to every source instance. *buf (caller
  * frees) holds the Part 10 file; sop_uid and series_uid receive the new UIDs. */
-lc_rc lc_dicom_seg_write(const lc_dicom_seg_spec *spec, void **buf, size_t *len,
-                         char sop_uid[65], char series_uid[65], lc_err *err);
+lc_rc lc_dicom_seg_write(const lc_dicom_seg_spec *spec, void **buf, size_t *len, char sop_uid[65],
+                         char series_uid[65], lc_err *err);
 
 #ifdef __cplusplus
 }

@@ -89,7 +89,6 @@ lc_rc lc_store_writer_write(lc_store_writer *w, const void *buf, size_t len, lc_
 lc_rc lc_store_writer_commit(lc_store_writer *w, lc_err *err);
 void lc_store_writer_abort(lc_store_writer *w); /* accepts NULL */
 
-
 /* --- s3:// configuration ----------------------------------------------------------------- */
 
 /* The RADPIPE_S3_* variables. lc_store_open loads them from the environment (with _FILE for
@@ -180,12 +179,12 @@ lc_rc lc_store_mpu_list(lc_store *s, const char *prefix, lc_store_mpu_list_fn fn
  * it) is kept when its ETag is the MD5 of the same bytes (and then reported through on_part),
  * else sent again. The file backend ignores everything but digest. */
 typedef struct lc_store_writer_opts {
-    const char *digest;          /* as in lc_store_put_opts (NULL: none) */
-    int64_t size_hint;           /* the object's size when known, else -1 */
-    int64_t part_size;           /* 0: RADPIPE_S3_PART_SIZE */
-    int concurrency;             /* 0: RADPIPE_S3_CONCURRENCY */
+    const char *digest;           /* as in lc_store_put_opts (NULL: none) */
+    int64_t size_hint;            /* the object's size when known, else -1 */
+    int64_t part_size;            /* 0: RADPIPE_S3_PART_SIZE */
+    int concurrency;              /* 0: RADPIPE_S3_CONCURRENCY */
     const char *resume_upload_id; /* NULL: a new upload */
-    const lc_store_part *done;   /* acknowledged parts of resume_upload_id (borrowed) */
+    const lc_store_part *done;    /* acknowledged parts of resume_upload_id (borrowed) */
     size_t ndone;
     /* Called on the writer's thread: once the multipart upload exists, and for every part
      * the store acknowledged (to persist them for a resume). An error fails the writer. */

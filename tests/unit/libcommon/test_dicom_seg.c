@@ -90,7 +90,8 @@ static void test_enhanced_frames(void **state)
 
     /* the same object little and big endian gives the same frames */
     lc_dicom_image_info *a = NULL, *b = NULL;
-    char *pa = sample("multiframe/emri_small.dcm"), *pb = sample("multiframe/emri_small_big_endian.dcm");
+    char *pa = sample("multiframe/emri_small.dcm"),
+         *pb = sample("multiframe/emri_small_big_endian.dcm");
     assert_int_equal(lc_dicom_read_image_info(pa, &a, &e), LC_OK);
     assert_int_equal(lc_dicom_read_image_info(pb, &b, &e), LC_OK);
     assert_int_equal(a->nframes, 10);
@@ -151,7 +152,11 @@ static void test_seg_write(void **state)
 {
     (void)state;
     lc_err e;
-    enum { R = 12, C = 16, NS = 3 }; /* GDCM 3.0.21 decodes 1-bit rows as if byte-padded: keep C a multiple of 8 */
+    enum {
+        R = 12,
+        C = 16,
+        NS = 3
+    }; /* GDCM 3.0.21 decodes 1-bit rows as if byte-padded: keep C a multiple of 8 */
     char *src = ts_data("series/mr-4slice/rle/IM-0001-0001-0001.dcm");
     lc_dicom_header *ref = NULL;
     assert_int_equal(lc_dicom_read_header(src, &ref, &e), LC_OK);
@@ -168,9 +173,15 @@ static void test_seg_write(void **state)
     for (int i = 0; i < NS * R * C; i++)
         labels[i] = (uint8_t)((i * 7 + i / 5) % 3); /* 0, 1, 2 in an irregular pattern */
     lc_dicom_seg_segment segs[2] = {
-        {"Body", "test", {"123037004", "SCT", "Anatomical Structure"},
-         {"38266002", "SCT", "Entire body"}, {255, 200, 0}},
-        {"Tissue", "test", {"85756007", "SCT", "Tissue"}, {"85756007", "SCT", "Tissue"},
+        {"Body",
+         "test",
+         {"123037004", "SCT", "Anatomical Structure"},
+         {"38266002", "SCT", "Entire body"},
+         {255, 200, 0}},
+        {"Tissue",
+         "test",
+         {"85756007", "SCT", "Tissue"},
+         {"85756007", "SCT", "Tissue"},
          {0, 0, 255}},
     };
     lc_dicom_seg_spec spec = {.ref = ref,
@@ -258,8 +269,8 @@ static void test_seg_write(void **state)
 int main(void)
 {
     const struct CMUnitTest tests[] = {
-        cmocka_unit_test(test_classic_frames),  cmocka_unit_test(test_enhanced_frames),
-        cmocka_unit_test(test_hostile_input),   cmocka_unit_test(test_uids),
+        cmocka_unit_test(test_classic_frames), cmocka_unit_test(test_enhanced_frames),
+        cmocka_unit_test(test_hostile_input),  cmocka_unit_test(test_uids),
         cmocka_unit_test(test_seg_write),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);

@@ -144,16 +144,16 @@ static void test_events_in_one_statement(void **state)
                          LC_OK);
     }
     assert_int_equal(lc_db_begin(f->db, &e), LC_OK);
-    assert_int_equal(
-        lc_outbox_add_events(f->db, "radpipe.", LC_TOPIC_INSTANCE_STORED, evs, N, &e), LC_OK);
+    assert_int_equal(lc_outbox_add_events(f->db, "radpipe.", LC_TOPIC_INSTANCE_STORED, evs, N, &e),
+                     LC_OK);
     lc_db_rollback(f->db);
     assert_int_equal(rows(f), 0);
 
     assert_int_equal(lc_db_begin(f->db, &e), LC_OK);
-    assert_int_equal(
-        lc_outbox_add_events(f->db, "radpipe.", LC_TOPIC_INSTANCE_STORED, evs, 0, &e), LC_OK);
-    assert_int_equal(
-        lc_outbox_add_events(f->db, "radpipe.", LC_TOPIC_INSTANCE_STORED, evs, N, &e), LC_OK);
+    assert_int_equal(lc_outbox_add_events(f->db, "radpipe.", LC_TOPIC_INSTANCE_STORED, evs, 0, &e),
+                     LC_OK);
+    assert_int_equal(lc_outbox_add_events(f->db, "radpipe.", LC_TOPIC_INSTANCE_STORED, evs, N, &e),
+                     LC_OK);
     assert_int_equal(lc_db_commit(f->db, &e), LC_OK);
     PGresult *r = NULL;
     assert_int_equal(

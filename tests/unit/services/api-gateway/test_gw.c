@@ -977,8 +977,8 @@ static void test_models(void **state)
     assert_true(cJSON_IsTrue(cJSON_GetObjectItem(m, "mirroring")));
     assert_int_equal(cJSON_GetNumberValue(cJSON_GetObjectItem(m, "parameters")), 5600000);
     assert_non_null(cJSON_GetStringValue(cJSON_GetObjectItem(m, "loaded_at")));
-    assert_string_equal(cJSON_GetStringValue(cJSON_GetObjectItem(cJSON_GetArrayItem(ms, 1), "name")),
-                        "zeta-mr");
+    assert_string_equal(
+        cJSON_GetStringValue(cJSON_GetObjectItem(cJSON_GetArrayItem(ms, 1), "name")), "zeta-mr");
     cJSON_Delete(j);
 
     j = get_json(f, "/api/v1/models/zeta-mr", 200);

@@ -328,9 +328,9 @@ static void test_job_outputs_and_mask(void **state)
     lc_worker_job j2 = {.job = job, .svc = &f->svc, .db = f->db, .w = &f->w};
     cJSON *r2 = NULL;
     assert_int_equal(seg_job(&f->c, &j2, &r2, &e), LC_OK);
-    assert_int_equal(lc_db_exec(f->db, "SELECT count(*) FROM job_artifacts WHERE job_id = $1", 1,
-                                p, &r, &e),
-                     LC_OK);
+    assert_int_equal(
+        lc_db_exec(f->db, "SELECT count(*) FROM job_artifacts WHERE job_id = $1", 1, p, &r, &e),
+        LC_OK);
     assert_int_equal(atoi(PQgetvalue(r, 0, 0)), 3);
     PQclear(r);
     cJSON_Delete(r2);
@@ -354,7 +354,8 @@ static char *make_ct(fx *f, int nslices)
         asprintf(&dir, "%s/ct", f->dir) < 0)
         abort();
     mkdir(dir, 0755);
-    if (ts_make_series(src, nslices, dir, "1.2.826.0.1.3680043.9.7777.1", "1.2.826.0.1.3680043.9.7777.2") != 0)
+    if (ts_make_series(src, nslices, dir, "1.2.826.0.1.3680043.9.7777.1",
+                       "1.2.826.0.1.3680043.9.7777.2") != 0)
         fail_msg("dcmodify could not make the CT series");
     free(src);
     return dir;
@@ -386,11 +387,12 @@ static void test_body_and_threshold(void **state)
         fail_msg("body covers %.3f of the volume", frac);
     cJSON_Delete(result);
     /* bone: a HU range, 26-connected components of at least 20 mm3 */
-    if (run_job(f,
-                "{\"algorithm\":\"threshold\",\"series_instance_uid\":\"1.2.826.0.1.3680043.9.7777.2\","
-                "\"lower\":300,\"min_component_mm3\":20,\"morphology\":[{\"op\":\"close\","
-                "\"radius_mm\":1}]}",
-                &result, NULL, &e) != LC_OK)
+    if (run_job(
+            f,
+            "{\"algorithm\":\"threshold\",\"series_instance_uid\":\"1.2.826.0.1.3680043.9.7777.2\","
+            "\"lower\":300,\"min_component_mm3\":20,\"morphology\":[{\"op\":\"close\","
+            "\"radius_mm\":1}]}",
+            &result, NULL, &e) != LC_OK)
         fail_msg("threshold job failed: %s", e.msg);
     double bone = cJSON_GetObjectItem(result, "voxels_in_mask")->valuedouble;
     assert_true(bone > 0 && bone < body);
@@ -465,10 +467,11 @@ static void test_malformed_series_fail(void **state)
     for (int i = 0; i < 4; i++) {
         if (i == 2)
             continue;
-        snprintf(cmd, sizeof(cmd),
-                 "cp '%s' '%s/%d.dcm' && dcmodify -nb -q -m '(0020,000E)=1.2.826.0.1.3680043.9.7777.10' "
-                 "-m '(0008,0018)=1.2.826.0.1.3680043.9.7777.10.%d' '%s/%d.dcm'",
-                 files[i], dir, i, i, dir, i);
+        snprintf(
+            cmd, sizeof(cmd),
+            "cp '%s' '%s/%d.dcm' && dcmodify -nb -q -m '(0020,000E)=1.2.826.0.1.3680043.9.7777.10' "
+            "-m '(0008,0018)=1.2.826.0.1.3680043.9.7777.10.%d' '%s/%d.dcm'",
+            files[i], dir, i, i, dir, i);
         assert_int_equal(ts_run(cmd, NULL), 0);
     }
     assert_int_equal(ts_index_dir(f->db, f->svc.store, dir, NULL), 3);
@@ -478,13 +481,13 @@ static void test_malformed_series_fail(void **state)
     snprintf(dir, sizeof(dir), "%s/orient", f->dir);
     mkdir(dir, 0755);
     for (int i = 0; i < 4; i++) {
-        snprintf(cmd, sizeof(cmd),
-                 "cp '%s' '%s/%d.dcm' && dcmodify -nb -q -m '(0020,000E)=1.2.826.0.1.3680043.9.7777.11' "
-                 "-m '(0008,0018)=1.2.826.0.1.3680043.9.7777.11.%d' %s '%s/%d.dcm'",
-                 files[i], dir, i, i,
-                 i == 1 ? "-m '(0020,0037)=0\\0.98480775\\0.17364818\\0\\-0.17364818\\-0.98480775'"
-                        : "",
-                 dir, i);
+        snprintf(
+            cmd, sizeof(cmd),
+            "cp '%s' '%s/%d.dcm' && dcmodify -nb -q -m '(0020,000E)=1.2.826.0.1.3680043.9.7777.11' "
+            "-m '(0008,0018)=1.2.826.0.1.3680043.9.7777.11.%d' %s '%s/%d.dcm'",
+            files[i], dir, i, i,
+            i == 1 ? "-m '(0020,0037)=0\\0.98480775\\0.17364818\\0\\-0.17364818\\-0.98480775'" : "",
+            dir, i);
         assert_int_equal(ts_run(cmd, NULL), 0);
     }
     assert_int_equal(ts_index_dir(f->db, f->svc.store, dir, NULL), 4);

@@ -157,8 +157,11 @@ static void check_series(const char *dir, const char *tmp)
     lc_db *db = NULL;
     lc_store *store = NULL;
     seg_ctx c;
-    seg_cfg cfg = {.gpu_backend = "cpu", .cpu_threads = 2, .max_voxels = 1LL << 30,
-                   .stow_url = "", .stow_token = ""};
+    seg_cfg cfg = {.gpu_backend = "cpu",
+                   .cpu_threads = 2,
+                   .max_voxels = 1LL << 30,
+                   .stow_url = "",
+                   .stow_token = ""};
     lc_service svc = {0};
     lc_job_worker w;
     char url[800], study[65], work[700];
@@ -196,8 +199,7 @@ static void check_series(const char *dir, const char *tmp)
     if (!ref)
         fail_msg("%s: dcm2niix wrote no ref.nii", name);
     fprintf(stderr, "%s: ours %dx%dx%dx%d, dcm2niix %dx%dx%dx%d%s\n", name, ours->nx, ours->ny,
-            ours->nz, ours->nt, ref->nx, ref->ny, ref->nz, ref->nt,
-            tilted ? " (gantry tilt)" : "");
+            ours->nz, ours->nt, ref->nx, ref->ny, ref->nz, ref->nt, tilted ? " (gantry tilt)" : "");
     for (int d = 0; d < 5; d++)
         if (ours->dim[d] != ref->dim[d] && !(d == 4 && ours->dim[0] == 3 && ref->dim[4] <= 1))
             fail_msg("%s: dim[%d] is %d, dcm2niix has %d", name, d, ours->dim[d], ref->dim[d]);
@@ -213,10 +215,10 @@ static void check_series(const char *dir, const char *tmp)
     if (worst > 1e-3) {
         char a[4][200];
         for (int r = 0; r < 3; r++)
-            snprintf(a[r], sizeof(a[r]), "[%g %g %g %g] vs [%g %g %g %g]",
-                     ours->sto_xyz.m[r][0], ours->sto_xyz.m[r][1], ours->sto_xyz.m[r][2],
-                     ours->sto_xyz.m[r][3], ref->sto_xyz.m[r][0], ref->sto_xyz.m[r][1],
-                     ref->sto_xyz.m[r][2], ref->sto_xyz.m[r][3]);
+            snprintf(a[r], sizeof(a[r]), "[%g %g %g %g] vs [%g %g %g %g]", ours->sto_xyz.m[r][0],
+                     ours->sto_xyz.m[r][1], ours->sto_xyz.m[r][2], ours->sto_xyz.m[r][3],
+                     ref->sto_xyz.m[r][0], ref->sto_xyz.m[r][1], ref->sto_xyz.m[r][2],
+                     ref->sto_xyz.m[r][3]);
         fail_msg("%s: affine differs from dcm2niix's by %g:\n%s\n%s\n%s", name, worst, a[0], a[1],
                  a[2]);
     }
@@ -229,8 +231,8 @@ static void check_series(const char *dir, const char *tmp)
         double t = per_t ? cJSON_GetArrayItem(per_t, (int)(i / n3))->valuedouble : thr;
         differ += (ref_value(ref, i) > t) != (((const uint8_t *)ours->data)[i] != 0);
     }
-    fprintf(stderr, "%s: %zu of %zu voxels differ from dcm2niix's image > %g\n", name, differ,
-            nvox, thr);
+    fprintf(stderr, "%s: %zu of %zu voxels differ from dcm2niix's image > %g\n", name, differ, nvox,
+            thr);
     if (differ > 0)
         fail_msg("%s: the mask and dcm2niix's image disagree on %zu voxels", name, differ);
     size_t n = 0;

@@ -173,7 +173,8 @@ static void test_inconsistent(void **state)
     seg_frame_in f[3] = {frame("1.1", 0, 0, 0, AXIAL), frame("1.2", 0, 0, 1, AXIAL),
                          frame("1.3", 0, 0, 2, AXIAL)};
     f[1].rows = 16;
-    expect_error(f, 3, "mixed slice sizes in the series: 8x8 (instance 1.1) and 8x16 (instance 1.2)");
+    expect_error(f, 3,
+                 "mixed slice sizes in the series: 8x8 (instance 1.1) and 8x16 (instance 1.2)");
     f[1].rows = 8;
     static const double other[6] = {0, 1, 0, 0, 0, -1};
     memcpy(f[2].iop, other, sizeof(other));
