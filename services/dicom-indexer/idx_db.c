@@ -76,6 +76,8 @@ static const char upsert_patients_sql[] =
     " COALESCE(EXCLUDED.patient_birth_date, p.patient_birth_date),"
     " COALESCE(EXCLUDED.patient_sex, p.patient_sex))";
 
+/* One column per line: clang-format would fold these into unreadable runs. */
+/* clang-format off */
 #define KEEP(c) " " c " = COALESCE(EXCLUDED." c ", s." c "),"
 #define NEWV(c) " COALESCE(EXCLUDED." c ", s." c ")"
 static const char upsert_studies_sql[] =
@@ -88,27 +90,43 @@ static const char upsert_studies_sql[] =
     " r.study_time, r.accession_number, r.study_id, r.study_description,"
     " upper(r.study_description), r.referring_physician, upper(r.referring_physician),"
     " r.institution_name, r.timezone_offset FROM idx_stage r ORDER BY r.study_uid, r.ord DESC"
-    " ON CONFLICT (study_uid) DO UPDATE SET" KEEP("patient_key") KEEP("patient_id")
-        KEEP("issuer_of_patient_id") KEEP("patient_name") KEEP("patient_name_norm")
-            KEEP("patient_birth_date") KEEP("patient_sex") KEEP("study_date") KEEP("study_time")
-                KEEP("accession_number") KEEP("study_id") KEEP("study_description")
-                    KEEP("study_description_norm") KEEP("referring_physician")
-                        KEEP("referring_physician_norm")
-                            KEEP("institution_name")
-                                KEEP(
-                                    "timezone_offset") " updated_at = now()"
-                                                       " WHERE (s.patient_key, s.patient_id, "
-                                                       "s.issuer_of_patient_id, s.patient_name,"
-                                                       " s.patient_birth_date, s.patient_sex, "
-                                                       "s.study_date, s.study_time, "
-                                                       "s.accession_number,"
-                                                       " s.study_id, s.study_description, "
-                                                       "s.referring_physician, s.institution_name,"
-                                                       " s.timezone_offset) IS DISTINCT FROM "
-                                                       "(" NEWV("patient_key") "," NEWV("patient_"
-                                                                                        "id") "," NEWV("issuer_of_patient_id") "," NEWV("patient_name") "," NEWV("patient_birth_date") "," NEWV("patient_sex") "," NEWV("study_date") "," NEWV(
-                                                           "study_time") "," NEWV("accession_"
-                                                                                  "number") "," NEWV("study_id") "," NEWV("study_description") "," NEWV("referring_physician") "," NEWV("institution_name") "," NEWV("timezone_offset") ")";
+    " ON CONFLICT (study_uid) DO UPDATE SET"
+    KEEP("patient_key")
+    KEEP("patient_id")
+    KEEP("issuer_of_patient_id")
+    KEEP("patient_name")
+    KEEP("patient_name_norm")
+    KEEP("patient_birth_date")
+    KEEP("patient_sex")
+    KEEP("study_date")
+    KEEP("study_time")
+    KEEP("accession_number")
+    KEEP("study_id")
+    KEEP("study_description")
+    KEEP("study_description_norm")
+    KEEP("referring_physician")
+    KEEP("referring_physician_norm")
+    KEEP("institution_name")
+    KEEP("timezone_offset")
+    " updated_at = now()"
+    " WHERE (s.patient_key, s.patient_id, s.issuer_of_patient_id, s.patient_name,"
+    " s.patient_birth_date, s.patient_sex, s.study_date, s.study_time, s.accession_number,"
+    " s.study_id, s.study_description, s.referring_physician, s.institution_name,"
+    " s.timezone_offset) IS DISTINCT FROM ("
+    NEWV("patient_key") ","
+    NEWV("patient_id") ","
+    NEWV("issuer_of_patient_id") ","
+    NEWV("patient_name") ","
+    NEWV("patient_birth_date") ","
+    NEWV("patient_sex") ","
+    NEWV("study_date") ","
+    NEWV("study_time") ","
+    NEWV("accession_number") ","
+    NEWV("study_id") ","
+    NEWV("study_description") ","
+    NEWV("referring_physician") ","
+    NEWV("institution_name") ","
+    NEWV("timezone_offset") ")";
 
 static const char upsert_series_sql[] =
     "INSERT INTO series AS s (series_uid, study_uid, modality, series_number,"
@@ -119,26 +137,33 @@ static const char upsert_series_sql[] =
     " r.series_number, r.series_description, r.body_part_examined, r.series_date,"
     " r.series_time, r.pps_start_date, r.pps_start_time, r.request_attributes::jsonb"
     " FROM idx_stage r ORDER BY r.series_uid, r.ord DESC"
-    " ON CONFLICT (series_uid) DO UPDATE SET study_uid = EXCLUDED.study_uid," KEEP("modality") KEEP(
-        "series_number") KEEP("series_description") KEEP("body_part_examined") KEEP("series_date")
-        KEEP("series_time") KEEP("performed_procedure_step_start_date") KEEP(
-            "performed_procedure_step_start_time")
-            KEEP("request_attributes") " updated_at = now()"
-                                       " WHERE (s.study_uid, s.modality, s.series_number, "
-                                       "s.series_description,"
-                                       " s.body_part_examined, s.series_date, s.series_time, "
-                                       "s.performed_procedure_step_start_date,"
-                                       " s.performed_procedure_step_start_time, "
-                                       "s.request_attributes) IS DISTINCT FROM"
-                                       " (EXCLUDED.study_uid," NEWV("modality") "," NEWV("series_"
-                                                                                         "number") "," NEWV("series_description") "," NEWV("body_part_examined") "," NEWV("series_date") "," NEWV(
-                                           "series_time") "," NEWV("performed_procedure_step_start_"
-                                                                   "date") "," NEWV("performed_"
-                                                                                    "procedure_"
-                                                                                    "step_start_"
-                                                                                    "time") "," NEWV("request_attributes") ")";
+    " ON CONFLICT (series_uid) DO UPDATE SET study_uid = EXCLUDED.study_uid,"
+    KEEP("modality")
+    KEEP("series_number")
+    KEEP("series_description")
+    KEEP("body_part_examined")
+    KEEP("series_date")
+    KEEP("series_time")
+    KEEP("performed_procedure_step_start_date")
+    KEEP("performed_procedure_step_start_time")
+    KEEP("request_attributes")
+    " updated_at = now()"
+    " WHERE (s.study_uid, s.modality, s.series_number, s.series_description,"
+    " s.body_part_examined, s.series_date, s.series_time, s.performed_procedure_step_start_date,"
+    " s.performed_procedure_step_start_time, s.request_attributes) IS DISTINCT FROM"
+    " (EXCLUDED.study_uid,"
+    NEWV("modality") ","
+    NEWV("series_number") ","
+    NEWV("series_description") ","
+    NEWV("body_part_examined") ","
+    NEWV("series_date") ","
+    NEWV("series_time") ","
+    NEWV("performed_procedure_step_start_date") ","
+    NEWV("performed_procedure_step_start_time") ","
+    NEWV("request_attributes") ")";
 #undef KEEP
 #undef NEWV
+/* clang-format on */
 
 /* A known SOPInstanceUID with other bytes is replaced (latest wins); the same bytes again
  * change nothing. (xmax = 0) tells a fresh insert ('i') from an update ('r'); known instances
