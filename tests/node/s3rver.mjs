@@ -4,7 +4,7 @@
 //    so tests count what reached the server (parts sent, retries);
 //  - the three multipart calls s3rver 3.7 lacks, served from its own upload directory
 //    (<dir>/<bucket>/._S3rver_uploads/<id>/): AbortMultipartUpload, ListParts,
-//    ListMultipartUploads;
+//    ListMultipartUploads; and UploadPart to an unknown upload answers NoSuchUpload as S3 does;
 //  - fault injection: --fail-every N answers every Nth PUT/POST with 503 SlowDown before
 //    s3rver sees it; --drop-every N breaks the connection of every Nth part upload after
 //    its first bytes; --part-delay-ms N holds each part upload that long.
@@ -91,6 +91,10 @@ async function multipartExtras(ctx, next) {
   const key = m[2] ? decodeURIComponent(m[2]) : '';
   const uploads = path.join(dir, bucket, '._S3rver_uploads');
   const uid = ctx.query.uploadId;
+  // S3 refuses a part for an upload that was aborted or completed; s3rver would recreate its
+  // directory (a part dropped by a stopped client can still arrive after the abort)
+  if (key && uid && ctx.method === 'PUT' && !fs.existsSync(path.join(uploads, path.basename(uid), 'key')))
+    return xmlError(ctx, 404, 'NoSuchUpload', 'The specified upload does not exist.');
   if (key && uid && (ctx.method === 'DELETE' || ctx.method === 'GET')) {
     const udir = path.join(uploads, path.basename(uid));
     let storedKey;
