@@ -455,7 +455,9 @@ lc_rc lc_kafka_tail_new(const lc_kafka_conf *conf, lc_topic topic, int timeout_m
     char es[512], name[256], group[128], rnd[LC_UUID_LEN + 1];
     lc_rc rc;
     *out = NULL;
-    if (lc_topic_name(conf ? conf->topic_prefix : NULL, topic, name, sizeof(name)) != LC_OK)
+    if (!conf)
+        return lc_err_set(err, LC_ERR_INVALID, "kafka tail: no configuration");
+    if (lc_topic_name(conf->topic_prefix, topic, name, sizeof(name)) != LC_OK)
         return lc_err_set(err, LC_ERR_CONFIG, "invalid kafka topic name");
     static const char *const defaults[] = {FETCH_WAIT_DEFAULT, NULL};
     if ((rc = conf_new(conf, defaults, &kc, err)) != LC_OK)

@@ -480,7 +480,7 @@ static void slot_release(s3writer *w, slot *sl)
 
 static void writer_free(s3writer *w)
 {
-    for (int i = 0; i < w->nslots; i++) {
+    for (int i = 0; w->slots && i < w->nslots; i++) {
         slot_release(w, &w->slots[i]);
         lc_sha256_free(w->slots[i].hash);
         free(w->slots[i].buf);

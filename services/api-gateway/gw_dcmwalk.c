@@ -123,7 +123,7 @@ static lc_rc skip_undefined(walker *w, int64_t *off, int depth, int explicit_vr)
 static lc_rc skip_item(walker *w, int64_t *off, int depth, int explicit_vr)
 {
     for (;;) {
-        ehdr h;
+        ehdr h = {0};
         lc_rc rc;
         if (++w->steps > MAX_STEPS)
             return lc_err_set(w->err, LC_ERR_DICOM, "malformed DICOM file: too many elements");
@@ -157,7 +157,7 @@ static lc_rc skip_undefined(walker *w, int64_t *off, int depth, int explicit_vr)
     if (depth > MAX_DEPTH)
         return lc_err_set(w->err, LC_ERR_DICOM, "malformed DICOM file: sequences nest too deep");
     for (;;) {
-        ehdr h;
+        ehdr h = {0};
         lc_rc rc;
         if (++w->steps > MAX_STEPS)
             return lc_err_set(w->err, LC_ERR_DICOM, "malformed DICOM file: too many elements");
@@ -224,7 +224,7 @@ static lc_rc nth_item(walker *w, int64_t off, int64_t seq_end, int want, int dep
                       int64_t *start, int64_t *end)
 {
     for (int k = 0;; k++) {
-        ehdr h;
+        ehdr h = {0};
         lc_rc rc;
         if ((seq_end >= 0 && off >= seq_end) || off >= w->size)
             return lc_err_set(w->err, LC_ERR_NOT_FOUND, "the sequence has no item %d", want);
@@ -283,7 +283,7 @@ lc_rc gw_dcm_find_path(gw_dcm_read_fn read, void *ctx, int64_t size, const uint3
     if (size >= 132 && (p = get(&w, 128, 4)) && memcmp(p, "DICM", 4) == 0) {
         off = 132;
         for (;;) {
-            ehdr h;
+            ehdr h = {0};
             if (off + 8 > size)
                 break;
             if (!(p = get(&w, off, 2))) {
@@ -337,7 +337,7 @@ lc_rc gw_dcm_find_path(gw_dcm_read_fn read, void *ctx, int64_t size, const uint3
     int64_t end = size;
     int explicit_vr = w.explicit_vr;
     for (int level = 0;; level++) {
-        ehdr h;
+        ehdr h = {0};
         if ((rc = find_in(&w, off, end, level, explicit_vr, tags[level], &h)) != LC_OK)
             goto out;
         if (level == n - 1) {

@@ -400,7 +400,7 @@ lc_rc gw_qido_parse(const char *qs, gw_qido_level level, const char *study_uid,
         memcpy(q->study_uid, study_uid, strlen(study_uid) + 1);
     if (series_uid)
         memcpy(q->series_uid, series_uid, strlen(series_uid) + 1);
-    if (!(value = malloc(GW_QIDO_MAX_VALUE + 1)))
+    if (!(value = calloc(1, GW_QIDO_MAX_VALUE + 1)))
         return lc_err_set(err, LC_ERR_NOMEM, "out of memory");
 
     for (const char *p = qs; p && *p;) {

@@ -163,7 +163,9 @@ static void add_watch(idx_spool *sp, const char *rel)
     char *r = strdup(rel);
     if (!r)
         return;
-    sp->watches[sp->nwatch++] = (watch){wd, r};
+    sp->watches[sp->nwatch].wd = wd;
+    sp->watches[sp->nwatch].rel = r; /* owned by the table: drop_watch and the stop free it */
+    sp->nwatch++;
 }
 
 static void drop_watch(idx_spool *sp, int wd)

@@ -550,6 +550,8 @@ static lc_rc load_one(seg_model *m, gpu_ctx *gpu, const char *dir, const char *f
 
 static void free_model(seg_model *m)
 {
+    if (!m)
+        return;
 #if SEG_HAVE_NN
     gpu_nn_free(m->nn);
 #endif

@@ -152,6 +152,8 @@ static lc_rc frame_list(object *obj, int n, seg_frame_in **out, size_t *nout, lc
         obj[i].first_frame = total;
         total += (size_t)obj[i].info->nframes;
     }
+    if (total == 0)
+        return lc_err_set(err, LC_ERR_DICOM, "the series holds no image frames");
     seg_frame_in *f = calloc(total, sizeof(*f));
     if (!f)
         return lc_err_set(err, LC_ERR_NOMEM, "out of memory");
@@ -351,7 +353,7 @@ lc_rc seg_volume_load(lc_db *db, lc_store *store, const char *series_uid, size_t
     v = NULL;
 out:
     for (int i = 0; obj && i < n; i++) {
-        if (obj[i].temp)
+        if (obj[i].temp && obj[i].path)
             unlink(obj[i].path);
         free(obj[i].path);
         lc_dicom_image_info_free(obj[i].info);

@@ -140,12 +140,11 @@ int main(int argc, char **argv)
     lc_log_init("radpipe-notify", (lc_log_level)lc_log_level_parse(cfg.log_level));
     o.prefix = cfg.topic_prefix;
     if (!o.dry_run) {
-        const lc_kafka_conf kc = {
-            .brokers = cfg.kafka_brokers,
-            .topic_prefix = cfg.topic_prefix,
-            .client_id = "radpipe-notify",
-            .extra = (const char *const *)(extra = split_options(
-                                               cfg.kafka_options ? cfg.kafka_options : ""))};
+        extra = split_options(cfg.kafka_options ? cfg.kafka_options : "");
+        const lc_kafka_conf kc = {.brokers = cfg.kafka_brokers,
+                                  .topic_prefix = cfg.topic_prefix,
+                                  .client_id = "radpipe-notify",
+                                  .extra = (const char *const *)extra};
         if (lc_store_open(cfg.store_url, &store, &err) != LC_OK ||
             lc_kafka_producer_new(&kc, &p, &err) != LC_OK) {
             fprintf(stderr, "radpipe-notify: %s\n", lc_err_msg(&err));

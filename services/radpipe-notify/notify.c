@@ -226,7 +226,8 @@ lc_rc ntf_run(char *const *paths, size_t npaths, const ntf_opts *o, lc_store *st
         rc = walk(paths[i], 0, &files, err);
     if (rc != LC_OK)
         goto out;
-    qsort(files.v, files.n, sizeof(char *), cmp_str);
+    if (files.n)
+        qsort(files.v, files.n, sizeof(char *), cmp_str);
     for (size_t start = 0; start < files.n && rc == LC_OK; start += batch) {
         size_t n = files.n - start < batch ? files.n - start : batch;
         for (size_t i = 0; i < n && rc == LC_OK; i++) {

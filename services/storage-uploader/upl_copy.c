@@ -540,7 +540,7 @@ static lc_rc copy_streamed_once(upl_run *r, upl_obj *o, lc_err *err)
         if (remote)
             rc = upl_state_clear(r->j->db, durl, o->key, err);
     }
-out:
+out:;
     /* keep a multipart upload for a resume after a stop or a transient error; not when its
      * recorded parts no longer match (LC_ERR_CONFLICT from the writer) */
     int keep = rc == LC_ERR_CANCELLED || (lc_rc_is_transient(rc) && rc != LC_ERR_CONFLICT);

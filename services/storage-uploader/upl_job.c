@@ -182,6 +182,8 @@ static lc_rc read_params(const upl_ctx *u, const cJSON *p, params *out, lc_err *
             if (!cJSON_IsArray(v))
                 return lc_err_set(err, LC_ERR_INVALID, "series must be an array of UIDs");
             size_t n = (size_t)cJSON_GetArraySize(v);
+            free(out->series); /* a repeated key: the last one counts */
+            out->nseries = 0;
             out->series = calloc(n + 1, sizeof(char *));
             if (!out->series)
                 return lc_err_set(err, LC_ERR_NOMEM, "out of memory");
@@ -299,7 +301,8 @@ static lc_rc group_for(upl_run *r, const params *pp, lookup *l, const char *subs
     if ((rc = upl_dest_get(r->u, url, &d, err)) != LC_OK)
         goto out;
     for (size_t i = 0; i < r->ngroups; i++)
-        if (r->groups[i].dest == d && strcmp(r->groups[i].prefix, prefix) == 0) {
+        if (r->groups[i].dest == d && r->groups[i].prefix &&
+            strcmp(r->groups[i].prefix, prefix) == 0) {
             *out = &r->groups[i];
             goto out;
         }
@@ -403,11 +406,11 @@ static lc_rc plan(upl_run *r, const params *pp, lc_err *err)
         goto out;
     }
     upl_obj *cur = NULL;
-    const char *cur_series = "";
+    const char *cur_series = NULL;
     upl_group *g = NULL;
     for (size_t i = 0; i < r->ninsts; i++) {
         upl_inst *in = &r->insts[i];
-        int new_series = strcmp(in->series, cur_series) != 0;
+        int new_series = !cur_series || strcmp(in->series, cur_series) != 0;
         if (new_series && (!study_tar || i == 0)) {
             /* the pattern per series: study and series columns, else the series' first
              * instance's header */
@@ -421,6 +424,10 @@ static lc_rc plan(upl_run *r, const params *pp, lc_err *err)
             cJSON_Delete(l.meta);
             if (rc != LC_OK)
                 goto out;
+            if (!g) {
+                rc = lc_err_set(err, LC_ERR_INTERNAL, "no destination for series %s", in->series);
+                goto out;
+            }
         }
         if (new_series)
             cur_series = in->series;
