@@ -154,8 +154,19 @@ $(LC_OBJ) $(GPU_OBJ): | $(BUILD)/gen/lc_migrations.c
 SERVICES := api-gateway dicom-indexer storage-uploader gpu-segmenter radpipe-notify
 LINK_LIBS := $(LIBGPU) $(LIBCOMMON) $(LIBS) $(NN_LIBS) $(CUDA_LIBS)
 
+# the web UI's files, embedded in the api-gateway (services/api-gateway/gen-ui.sh)
+GW_UI_FILES := $(sort $(wildcard services/api-gateway/ui/*.html services/api-gateway/ui/*.js \
+	services/api-gateway/ui/*.css))
+$(BUILD)/gen/gw_ui_assets.c: $(GW_UI_FILES) services/api-gateway/gen-ui.sh
+	@mkdir -p $(@D)
+	sh services/api-gateway/gen-ui.sh $(GW_UI_FILES) > $@
+$(BUILD)/obj/gen/gw_ui_assets.o: $(BUILD)/gen/gw_ui_assets.c
+	@mkdir -p $(@D)
+	$(CC) $(CFLAGS) -Iservices/api-gateway -c -o $@ $<
+SVC_GEN_api-gateway := $(BUILD)/obj/gen/gw_ui_assets.o
+
 define service_rule
-SVC_OBJ_$(1) := $$(call obj,$$(wildcard services/$(1)/*.c))
+SVC_OBJ_$(1) := $$(call obj,$$(wildcard services/$(1)/*.c)) $$(SVC_GEN_$(1))
 SVC_LIBOBJ_$(1) := $$(filter-out %/main.o,$$(SVC_OBJ_$(1)))
 $(BUILD)/bin/$(1): $$(SVC_OBJ_$(1)) $(LIBGPU) $(LIBCOMMON)
 	@mkdir -p $$(@D)

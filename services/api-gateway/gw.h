@@ -375,6 +375,9 @@ void gw_events_stop(gw_events *ev);
 /* 1 once the consumer has its partitions (for tests). */
 int gw_events_ready(const gw_events *ev);
 
+/* --- gw_ui.c: the web UI's files under /ui/ (no token: they hold no data) ----------------- */
+int gw_ui_serve(gw_req *r);
+
 /* --- gw_tls.c -------------------------------------------------------------------------- */
 
 /* Make TLS usable by civetweb (see gw_tls.c) and return the listening_ports value with the

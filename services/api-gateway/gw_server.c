@@ -128,6 +128,9 @@ static const size_t nroutes = sizeof(routes) / sizeof(routes[0]);
 
 const char *const gw_admin_paths[] = {"/healthz", "/readyz", "/metrics"};
 const size_t gw_admin_npaths = sizeof(gw_admin_paths) / sizeof(gw_admin_paths[0]);
+/* per-route metrics slots after the routes and the admin paths */
+#define UI_SLOT        (nroutes + gw_admin_npaths)
+#define UNMATCHED_SLOT (nroutes + gw_admin_npaths + 1)
 
 const gw_route *gw_routes(size_t *n)
 {
@@ -228,7 +231,7 @@ static const double duration_buckets[] = {0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0
 
 static lc_rc metrics_init(gw *g, lc_err *err)
 {
-    size_t n = nroutes + gw_admin_npaths + 1;
+    size_t n = nroutes + gw_admin_npaths + 2; /* + the web UI, + "unmatched" */
     lc_metrics *mx = g->deps.metrics;
     char labels[256];
     g->rm = calloc(n, sizeof(*g->rm));
@@ -238,6 +241,7 @@ static lc_rc metrics_init(gw *g, lc_err *err)
         gw_route_metrics *m = &g->rm[i];
         m->label = i < nroutes                     ? routes[i].pattern
                    : i < nroutes + gw_admin_npaths ? gw_admin_paths[i - nroutes]
+                   : i == UI_SLOT                  ? "/ui/"
                                                    : "unmatched";
         /* routes sharing a pattern (GET and POST of one path) share the histogram handle */
         snprintf(labels, sizeof(labels), "route=\"%s\"", m->label);
@@ -305,7 +309,7 @@ static void on_end_request(const struct mg_connection *conn, int status)
     const char *path = ri->local_uri ? ri->local_uri : "";
     const char *method = ri->request_method ? ri->request_method : "";
     int64_t ms = lc_now_ms() - ts->start_ms;
-    size_t idx = nroutes + gw_admin_npaths; /* "unmatched" */
+    size_t idx = UNMATCHED_SLOT;
     int ours = ts->route_index >= 0;
     if (ours) {
         idx = (size_t)ts->route_index;
@@ -422,13 +426,15 @@ static int router(struct mg_connection *conn, void *cbdata)
         if (r.ts)
             r.ts->route_index = known;
     } else if (r.ts) {
-        r.ts->route_index = (int)(nroutes + gw_admin_npaths); /* "unmatched" */
+        r.ts->route_index = (int)UNMATCHED_SLOT;
     }
 
     if (atomic_load(&g->draining)) {
         static const gw_header h[] = {{"Retry-After", "5"}, {NULL, NULL}};
         mg_disable_connection_keep_alive(conn);
         status = gw_send_problem(&r, 503, h, "the server is shutting down; retry later");
+    } else if (known < 0 && strcmp(path, "/") == 0) {
+        status = gw_ui_serve(&r); /* a redirect to the web UI */
     } else if (known < 0) {
         status = gw_send_problem(&r, 404, NULL, "no resource at this path");
     } else if (strcmp(method, "OPTIONS") == 0) {
@@ -450,6 +456,21 @@ static int router(struct mg_connection *conn, void *cbdata)
     lc_gauge_add(g->in_flight, -1);
     atomic_fetch_sub(&g->active, 1);
     return status;
+}
+
+/* The web UI's files (gw_ui.c): no token, no router table; counted under route "/ui/". */
+static int ui_handler(struct mg_connection *conn, void *cbdata)
+{
+    gw *g = cbdata;
+    gw_req r = {
+        .g = g, .conn = conn, .ri = mg_get_request_info(conn), .ts = mg_get_thread_pointer(conn)};
+    if (r.ts)
+        r.ts->route_index = (int)UI_SLOT;
+    if (atomic_load(&g->draining)) {
+        mg_disable_connection_keep_alive(conn);
+        return gw_send_problem(&r, 503, NULL, "the server is shutting down; retry later");
+    }
+    return gw_ui_serve(&r);
 }
 
 /* --- readiness -------------------------------------------------------------------------- */
@@ -584,6 +605,7 @@ lc_rc gw_start(gw *g, const gw_config *cfg, const gw_deps *deps, lc_err *err)
     if (deps->svc && deps->svc->producer)
         lc_admin_add_check(g->admin, "kafka", lc_service_check_kafka, deps->svc);
     mg_set_request_handler(g->mg, "/", router, g);
+    mg_set_request_handler(g->mg, "/ui", ui_handler, g);
     if ((rc = gw_events_start(g, err)) != LC_OK)
         goto out;
     lc_log_info("listening", LC_LS("listen", cfg->http_listen), LC_LI("port", g->port),

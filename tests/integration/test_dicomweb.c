@@ -10,7 +10,8 @@
  * (malformed multipart, oversized bodies, path traversal, invalid dates and limits) gets 4xx
  * problem+json, writes nothing (database, object store, spool) and leaves the gateway up; SQL
  * metacharacters in every query parameter are data. Event ids of another gateway process are
- * not resumed. Single-threaded but for one event-stream reader thread.
+ * not resumed. The web UI works in jsdom (tests/node/web-ui.mjs). Single-threaded but for one
+ * event-stream reader thread.
  */
 #include <dirent.h>
 #include <ftw.h>
@@ -1264,6 +1265,42 @@ static void test_events_foreign_last_event_id(void **state)
     free(job);
 }
 
+/* --- 7. the web UI, driven in jsdom ------------------------------------------------------- */
+
+/* tests/node/web-ui.mjs uses the gateway's web UI as a user would: sign in, find the sample
+ * study, segment it and watch the job end through the live event stream, list its artifacts,
+ * sign out (the script's header says what it checks). */
+static void test_web_ui(void **state)
+{
+    (void)state;
+    char **files = ts_list_files(series_dir);
+    lc_dicom_header *h = NULL;
+    lc_err err = {0};
+    assert_non_null(files[0]);
+    assert_int_equal(lc_dicom_read_header(files[0], &h, &err), LC_OK);
+    ts_strv_free(files);
+    cJSON *cfg = cJSON_CreateObject();
+    cJSON_AddStringToObject(cfg, "url", st.http_url);
+    cJSON_AddStringToObject(cfg, "token", st.token);
+    cJSON_AddStringToObject(cfg, "study", h->study_instance_uid);
+    cJSON_AddStringToObject(cfg, "patient_id", h->patient_id);
+    lc_dicom_header_free(h);
+    char *text = cJSON_Print(cfg), path[1100], cmd[3000], *out = NULL;
+    cJSON_Delete(cfg);
+    snprintf(path, sizeof(path), "%s/web-ui.json", tmp);
+    assert_int_equal(ts_write_file(path, text, strlen(text)), 0);
+    free(text);
+    snprintf(cmd, sizeof(cmd), "node '%s/tests/node/web-ui.mjs' '%s' 2>&1", ts_root(), path);
+    int rc = ts_run(cmd, &out);
+    fprintf(stderr, "%s", out ? out : "");
+    if (rc != 0) {
+        ts_stack_dump_log(&st);
+        fail_msg("web-ui.mjs failed (exit %d)", rc);
+    }
+    assert_non_null(strstr(out, "every check passed"));
+    free(out);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -1273,6 +1310,7 @@ int main(void)
         cmocka_unit_test(test_hostile_input),
         cmocka_unit_test(test_sql_metacharacters_are_data),
         cmocka_unit_test(test_events_foreign_last_event_id),
+        cmocka_unit_test(test_web_ui),
     };
     return cmocka_run_group_tests(tests, setup, teardown);
 }

@@ -1008,7 +1008,10 @@ static void test_routing_errors(void **state)
     resp r = get(f, "/api/v1/nothing-here", TOK_READ);
     free(expect_problem(&r, 404));
     resp_free(&r);
-    r = get(f, "/", NULL);
+    r = get(f, "/nothing-here", NULL); /* "/" itself leads to the web UI: test_web_ui */
+    free(expect_problem(&r, 404));
+    resp_free(&r);
+    r = get(f, "/uinothing", NULL);
     free(expect_problem(&r, 404));
     resp_free(&r);
     r = get(f, "/api/v1/studies/", TOK_READ);
@@ -1794,6 +1797,98 @@ static void test_config_table(void **state)
     lc_cfg_release(&t, 1);
 }
 
+/* The web UI: its files need no token (they hold no data), come with a CSP that allows this
+ * origin only, are the files in services/api-gateway/ui byte for byte, and the script is
+ * valid JavaScript (node --check) calling only /api/v1 resources of the router table. */
+static void test_web_ui(void **state)
+{
+    fixture *f = *state;
+    char v[512], path[1024];
+    resp r = http(f, &(req){.method = "GET", .path = "/ui/"});
+    assert_int_equal(r.status, 200);
+    assert_non_null(header(&r, "Content-Type", v, sizeof(v)));
+    assert_non_null(strstr(v, "text/html"));
+    assert_non_null(header(&r, "Content-Security-Policy", v, sizeof(v)));
+    assert_non_null(strstr(v, "script-src 'self'"));
+    assert_non_null(strstr(v, "frame-ancestors 'none'"));
+    assert_null(strstr(v, "unsafe"));
+    assert_non_null(strstr(r.body, "<script src=\"app.js\""));
+    assert_non_null(strstr(r.body, "href=\"app.css\""));
+    resp_free(&r);
+
+    static const char *const files[][2] = {
+        {"index.html", "text/html"}, {"app.js", "text/javascript"}, {"app.css", "text/css"}};
+    for (size_t i = 0; i < sizeof(files) / sizeof(files[0]); i++) {
+        snprintf(path, sizeof(path), "/ui/%s", files[i][0]);
+        r = http(f, &(req){.method = "GET", .path = path});
+        assert_int_equal(r.status, 200);
+        assert_non_null(header(&r, "Content-Type", v, sizeof(v)));
+        assert_non_null(strstr(v, files[i][1]));
+        snprintf(path, sizeof(path), "%s/services/api-gateway/ui/%s", ts_root(), files[i][0]);
+        size_t n = 0;
+        char *src = ts_read_file(path, &n);
+        assert_non_null(src);
+        assert_int_equal(r.len, n);
+        assert_memory_equal(r.body, src, n);
+        free(src);
+        resp_free(&r);
+    }
+
+    /* "/" and "/ui" lead to the page; other paths and methods get problem+json */
+    static const char *const to_ui[] = {"/", "/ui"};
+    for (size_t i = 0; i < 2; i++) {
+        r = http(f, &(req){.method = "GET", .path = to_ui[i]});
+        assert_int_equal(r.status, 302);
+        assert_non_null(header(&r, "Location", v, sizeof(v)));
+        assert_string_equal(v, "/ui/");
+        resp_free(&r);
+    }
+    r = http(f, &(req){.method = "GET", .path = "/ui/no-such-file.js"});
+    free(expect_problem(&r, 404));
+    resp_free(&r);
+    r = http(f, &(req){.method = "GET", .path = "/ui/%2e%2e/%2e%2e/etc/passwd"});
+    assert_true(r.status == 404 || r.status == 400);
+    assert_null(strstr(r.body ? r.body : "", "root:"));
+    resp_free(&r);
+    r = http(
+        f, &(req){.method = "POST", .path = "/ui/", .ctype = "text/plain", .body = "x", .len = 1});
+    free(expect_problem(&r, 405));
+    resp_free(&r);
+
+    /* the script parses, and every api('<resource>...') it makes is a route */
+    char *out = NULL, cmd[1200];
+    snprintf(cmd, sizeof(cmd), "node --check '%s/services/api-gateway/ui/app.js' 2>&1", ts_root());
+    int rc = ts_run(cmd, &out);
+    if (rc != 0)
+        fail_msg("app.js is not valid JavaScript: %s", out ? out : "");
+    free(out);
+    snprintf(path, sizeof(path), "%s/services/api-gateway/ui/app.js", ts_root());
+    char *js = ts_read_file(path, NULL);
+    assert_non_null(js);
+    size_t nroutes;
+    const gw_route *routes = gw_routes(&nroutes);
+    int calls = 0;
+    for (const char *p = js; (p = strstr(p, "api(")); p += 4) {
+        const char *q = p + 4;
+        if (*q != '\'' && *q != '`')
+            continue;
+        q++;
+        char res[64];
+        size_t k = strcspn(q, "/?'`$");
+        snprintf(res, sizeof(res), "/api/v1/%.*s", (int)k, q);
+        int found = 0;
+        for (size_t i = 0; i < nroutes && !found; i++)
+            found =
+                strncmp(routes[i].pattern, res, strlen(res)) == 0 &&
+                (routes[i].pattern[strlen(res)] == '\0' || routes[i].pattern[strlen(res)] == '/');
+        if (!found)
+            fail_msg("app.js calls %s, which is not in the router table", res);
+        calls++;
+    }
+    assert_true(calls >= 10);
+    free(js);
+}
+
 /* Every route of the router table (and the admin paths) is in proto/openapi.yaml with its
  * method, and the file describes no path or method the server does not have. The YAML is read
  * loosely: path keys are the lines "  /...:" and methods the lines "    get:" below them. */
@@ -2177,6 +2272,7 @@ int main(void)
         cmocka_unit_test(test_qido_fuzzymatching_warning),
         cmocka_unit_test(test_wado_frame_lists),
         cmocka_unit_test(test_wado_metadata_pages),
+        cmocka_unit_test(test_web_ui),
         cmocka_unit_test(test_drain_lets_uploads_finish),
     };
     int failed = cmocka_run_group_tests_name("gw_unit", unit, NULL, NULL);
