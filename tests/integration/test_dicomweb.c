@@ -501,6 +501,27 @@ static int teardown(void **state)
 
 /* --- 1. a real client library ------------------------------------------------------------- */
 
+/* Runs tests/node/<script> with cfg (consumed) in a JSON file; it must print "every check
+ * passed" and exit 0, else the stack's log is dumped and the test fails. */
+static void run_node_script(const char *script, cJSON *cfg)
+{
+    char *text = cJSON_Print(cfg), path[1100], cmd[3000], *out = NULL;
+    cJSON_Delete(cfg);
+    assert_non_null(text);
+    snprintf(path, sizeof(path), "%s/%s.json", tmp, script);
+    assert_int_equal(ts_write_file(path, text, strlen(text)), 0);
+    free(text);
+    snprintf(cmd, sizeof(cmd), "node '%s/tests/node/%s' '%s' 2>&1", ts_root(), script, path);
+    int rc = ts_run(cmd, &out);
+    fprintf(stderr, "%s", out ? out : "");
+    if (rc != 0) {
+        ts_stack_dump_log(&st);
+        fail_msg("%s failed (exit %d)", script, rc);
+    }
+    assert_non_null(strstr(out, "every check passed"));
+    free(out);
+}
+
 static void test_dicomweb_client_library(void **state)
 {
     (void)state;
@@ -526,23 +547,8 @@ static void test_dicomweb_client_library(void **state)
     cJSON_AddStringToObject(cfg, "study", h->study_instance_uid);
     cJSON_AddStringToObject(cfg, "series", h->series_instance_uid);
     lc_dicom_header_free(h);
-    char *text = cJSON_Print(cfg), path[1100], cmd[3000], *out = NULL;
-    snprintf(path, sizeof(path), "%s/client.json", tmp);
-    assert_int_equal(ts_write_file(path, text, strlen(text)), 0);
-    free(text);
-    cJSON_Delete(cfg);
     ts_strv_free(files);
-
-    snprintf(cmd, sizeof(cmd), "node '%s/tests/node/dicomweb-client.mjs' '%s' 2>&1", ts_root(),
-             path);
-    int rc = ts_run(cmd, &out);
-    fprintf(stderr, "%s", out ? out : "");
-    if (rc != 0) {
-        ts_stack_dump_log(&st);
-        fail_msg("dicomweb-client.mjs failed (exit %d)", rc);
-    }
-    assert_non_null(strstr(out, "every check passed"));
-    free(out);
+    run_node_script("dicomweb-client.mjs", cfg);
 }
 
 /* --- 2. QIDO-RS return attributes per level ---------------------------------------------- */
@@ -1285,20 +1291,7 @@ static void test_web_ui(void **state)
     cJSON_AddStringToObject(cfg, "study", h->study_instance_uid);
     cJSON_AddStringToObject(cfg, "patient_id", h->patient_id);
     lc_dicom_header_free(h);
-    char *text = cJSON_Print(cfg), path[1100], cmd[3000], *out = NULL;
-    cJSON_Delete(cfg);
-    snprintf(path, sizeof(path), "%s/web-ui.json", tmp);
-    assert_int_equal(ts_write_file(path, text, strlen(text)), 0);
-    free(text);
-    snprintf(cmd, sizeof(cmd), "node '%s/tests/node/web-ui.mjs' '%s' 2>&1", ts_root(), path);
-    int rc = ts_run(cmd, &out);
-    fprintf(stderr, "%s", out ? out : "");
-    if (rc != 0) {
-        ts_stack_dump_log(&st);
-        fail_msg("web-ui.mjs failed (exit %d)", rc);
-    }
-    assert_non_null(strstr(out, "every check passed"));
-    free(out);
+    run_node_script("web-ui.mjs", cfg);
 }
 
 int main(void)
