@@ -93,8 +93,21 @@ async function multipartExtras(ctx, next) {
   const uid = ctx.query.uploadId;
   // S3 refuses a part for an upload that was aborted or completed; s3rver would recreate its
   // directory (a part dropped by a stopped client can still arrive after the abort)
-  if (key && uid && ctx.method === 'PUT' && !fs.existsSync(path.join(uploads, path.basename(uid), 'key')))
-    return xmlError(ctx, 404, 'NoSuchUpload', 'The specified upload does not exist.');
+  if (key && uid && ctx.method === 'PUT') {
+    const udir = path.join(uploads, path.basename(uid));
+    if (!fs.existsSync(path.join(udir, 'key')))
+      return xmlError(ctx, 404, 'NoSuchUpload', 'The specified upload does not exist.');
+    // aborted while s3rver still handled the part (it arrived first): s3rver's putPart makes
+    // the directory again; drop it once the part is done, as S3 would have refused the part
+    const gone = () => !fs.existsSync(path.join(udir, 'key'));
+    try {
+      await next();
+    } finally {
+      if (gone()) fs.rmSync(udir, { recursive: true, force: true });
+    }
+    if (gone()) xmlError(ctx, 404, 'NoSuchUpload', 'The specified upload does not exist.');
+    return;
+  }
   if (key && uid && (ctx.method === 'DELETE' || ctx.method === 'GET')) {
     const udir = path.join(uploads, path.basename(uid));
     let storedKey;
