@@ -48,11 +48,10 @@
 
 #include "dicom_internal.h"
 
-#include <openssl/evp.h>
-
 extern "C" {
 #include "lc/dicom.h"
 #include "lc/rc.h"
+#include "lc/util.h"
 }
 
 using lcdcm::Charset;
@@ -582,43 +581,29 @@ lc_rc open_input(const char *path, int *fd, size_t *size, lc_err *err)
 lc_rc hash_file(const char *path, int fd, const Input &in, char hex[65], long long *size,
                 lc_err *err)
 {
-    EVP_MD_CTX *md = EVP_MD_CTX_new();
-    lc_rc rc = LC_OK;
-    unsigned char dig[32];
-    unsigned dlen = 0;
+    lc_sha256 *h = lc_sha256_new();
+    if (!h)
+        return lc_err_set(err, LC_ERR_NOMEM, "could not hash \"%s\"", path);
     long long total = (long long)in.have();
     std::vector<char> buf(256 * 1024);
-    if (!md || EVP_DigestInit_ex(md, EVP_sha256(), nullptr) != 1 ||
-        EVP_DigestUpdate(md, in.data(), in.have()) != 1) {
-        rc = lc_err_set(err, LC_ERR_NOMEM, "could not hash \"%s\"", path);
-        goto out;
-    }
+    lc_sha256_update(h, in.data(), in.have());
     for (;;) {
         ssize_t r = read(fd, buf.data(), buf.size());
         if (r < 0 && errno == EINTR)
             continue;
         if (r < 0) {
-            rc = lc_err_set(err, LC_ERR_IO, "could not read \"%s\": %s", path, strerror(errno));
-            goto out;
+            lc_sha256_free(h);
+            return lc_err_set(err, LC_ERR_IO, "could not read \"%s\": %s", path, strerror(errno));
         }
         if (r == 0)
             break;
-        if (EVP_DigestUpdate(md, buf.data(), size_t(r)) != 1) {
-            rc = lc_err_set(err, LC_ERR_NOMEM, "could not hash \"%s\"", path);
-            goto out;
-        }
+        lc_sha256_update(h, buf.data(), size_t(r));
         total += r;
     }
-    if (EVP_DigestFinal_ex(md, dig, &dlen) != 1 || dlen != 32) {
-        rc = lc_err_set(err, LC_ERR_NOMEM, "could not hash \"%s\"", path);
-        goto out;
-    }
-    for (int i = 0; i < 32; i++)
-        snprintf(hex + 2 * i, 3, "%02x", dig[i]);
+    lc_sha256_final_hex(h, hex);
+    lc_sha256_free(h);
     *size = total;
-out:
-    EVP_MD_CTX_free(md);
-    return rc;
+    return LC_OK;
 }
 
 } // namespace

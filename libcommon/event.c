@@ -4,6 +4,7 @@
  * real events against those schemas, so the two cannot drift apart silently.
  * Events are plain values owned by one thread.
  */
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include "lc/event.h"
@@ -160,6 +161,34 @@ lc_rc lc_event_new(const char *type, const char *source, const char *subject, cJ
     }
     *out = ev;
     return LC_OK;
+}
+
+lc_rc lc_event_instance_stored(const char *source, const lc_instance_stored *s, lc_event **out,
+                               lc_err *err)
+{
+    size_t bl = strlen(s->store_url);
+    char *url = NULL;
+    if (asprintf(&url, "%s%s%s", s->store_url, bl && s->store_url[bl - 1] == '/' ? "" : "/",
+                 s->key) < 0)
+        return lc_err_set(err, LC_ERR_NOMEM, "out of memory");
+    cJSON *d = cJSON_CreateObject(), *src = NULL; /* src is owned by d */
+    if (!d || !cJSON_AddStringToObject(d, "study_instance_uid", s->study_uid) ||
+        !cJSON_AddStringToObject(d, "series_instance_uid", s->series_uid) ||
+        !cJSON_AddStringToObject(d, "sop_instance_uid", s->sop_uid) ||
+        !cJSON_AddStringToObject(d, "sop_class_uid", s->sop_class_uid ? s->sop_class_uid : "") ||
+        !cJSON_AddStringToObject(d, "url", url) ||
+        !cJSON_AddNumberToObject(d, "size", (double)s->size) ||
+        !cJSON_AddStringToObject(d, "sha256", s->sha256) ||
+        !(src = cJSON_AddObjectToObject(d, "source")) ||
+        !cJSON_AddStringToObject(src, "kind", s->source_kind) ||
+        (s->source_name && !cJSON_AddStringToObject(src, "name", s->source_name)) ||
+        !cJSON_AddStringToObject(d, "received_at", s->received_at)) {
+        cJSON_Delete(d);
+        free(url);
+        return lc_err_set(err, LC_ERR_NOMEM, "out of memory");
+    }
+    free(url);
+    return lc_event_new(LC_EV_INSTANCE_STORED, source, s->study_uid, d, out, err);
 }
 
 char *lc_event_to_json(const lc_event *ev)

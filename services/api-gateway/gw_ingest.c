@@ -148,30 +148,18 @@ static lc_rc stored_event(gw_req *r, const gw_ingest_item *it, const char *kind,
                           const char *received_at, lc_event **out, lc_err *err)
 {
     const lc_dicom_header *h = it->h;
-    const char *base = lc_store_url(r->g->deps.store);
-    size_t bl = strlen(base);
-    char *url = NULL;
-    if (asprintf(&url, "%s%s%s", base, bl && base[bl - 1] == '/' ? "" : "/", it->key) < 0)
-        return lc_err_set(err, LC_ERR_NOMEM, "out of memory");
-    cJSON *d = cJSON_CreateObject(), *src = NULL; /* src is owned by d */
-    if (!d || !cJSON_AddStringToObject(d, "study_instance_uid", h->study_instance_uid) ||
-        !cJSON_AddStringToObject(d, "series_instance_uid", h->series_instance_uid) ||
-        !cJSON_AddStringToObject(d, "sop_instance_uid", h->sop_instance_uid) ||
-        !cJSON_AddStringToObject(d, "sop_class_uid", h->sop_class_uid ? h->sop_class_uid : "") ||
-        !cJSON_AddStringToObject(d, "url", url) ||
-        !cJSON_AddNumberToObject(d, "size", (double)it->size) ||
-        !cJSON_AddStringToObject(d, "sha256", it->sha256) ||
-        !(src = cJSON_AddObjectToObject(d, "source")) ||
-        !cJSON_AddStringToObject(src, "kind", kind) ||
-        (r->token_name[0] && !cJSON_AddStringToObject(src, "name", r->token_name)) ||
-        !cJSON_AddStringToObject(d, "received_at", received_at)) {
-        cJSON_Delete(d);
-        free(url);
-        return lc_err_set(err, LC_ERR_NOMEM, "out of memory");
-    }
-    free(url);
-    return lc_event_new(LC_EV_INSTANCE_STORED, r->g->deps.source, h->study_instance_uid, d, out,
-                        err);
+    const lc_instance_stored s = {.study_uid = h->study_instance_uid,
+                                  .series_uid = h->series_instance_uid,
+                                  .sop_uid = h->sop_instance_uid,
+                                  .sop_class_uid = h->sop_class_uid,
+                                  .store_url = lc_store_url(r->g->deps.store),
+                                  .key = it->key,
+                                  .size = it->size,
+                                  .sha256 = it->sha256,
+                                  .source_kind = kind,
+                                  .source_name = r->token_name[0] ? r->token_name : NULL,
+                                  .received_at = received_at};
+    return lc_event_instance_stored(r->g->deps.source, &s, out, err);
 }
 
 /* The request's instance.stored events, written to the outbox in one statement. */

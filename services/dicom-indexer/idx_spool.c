@@ -261,31 +261,25 @@ static char *source_name(const char *rel)
 static lc_rc make_event(const idx_spool *sp, const sfile *f, lc_event **out, lc_err *err)
 {
     const lc_dicom_header *h = f->h;
-    char *url = NULL, *name = source_name(f->rel), when[32];
-    lc_time_rfc3339(lc_wall_ms(), when);
-    cJSON *d = cJSON_CreateObject(), *src = NULL;
-    if (!name || asprintf(&url, "%s/%s", lc_store_url(sp->store), f->key) < 0)
-        url = NULL;
-    idx_utf8_fix(name);
-    if (!d || !url || !cJSON_AddStringToObject(d, "study_instance_uid", h->study_instance_uid) ||
-        !cJSON_AddStringToObject(d, "series_instance_uid", h->series_instance_uid) ||
-        !cJSON_AddStringToObject(d, "sop_instance_uid", h->sop_instance_uid) ||
-        !cJSON_AddStringToObject(d, "sop_class_uid", h->sop_class_uid ? h->sop_class_uid : "") ||
-        !cJSON_AddStringToObject(d, "url", url) ||
-        !cJSON_AddNumberToObject(d, "size", (double)h->file_size) ||
-        !cJSON_AddStringToObject(d, "sha256", h->sha256) ||
-        !(src = cJSON_AddObjectToObject(d, "source")) ||
-        !cJSON_AddStringToObject(src, "kind", "spool") ||
-        !cJSON_AddStringToObject(src, "name", name) ||
-        !cJSON_AddStringToObject(d, "received_at", when)) {
-        cJSON_Delete(d);
-        free(url);
-        free(name);
+    char *name = source_name(f->rel), when[32];
+    if (!name)
         return lc_err_set(err, LC_ERR_NOMEM, "out of memory");
-    }
-    free(url);
+    idx_utf8_fix(name);
+    lc_time_rfc3339(lc_wall_ms(), when);
+    const lc_instance_stored s = {.study_uid = h->study_instance_uid,
+                                  .series_uid = h->series_instance_uid,
+                                  .sop_uid = h->sop_instance_uid,
+                                  .sop_class_uid = h->sop_class_uid,
+                                  .store_url = lc_store_url(sp->store),
+                                  .key = f->key,
+                                  .size = h->file_size,
+                                  .sha256 = h->sha256,
+                                  .source_kind = "spool",
+                                  .source_name = name,
+                                  .received_at = when};
+    lc_rc rc = lc_event_instance_stored(sp->source, &s, out, err);
     free(name);
-    return lc_event_new(LC_EV_INSTANCE_STORED, sp->source, h->study_instance_uid, d, out, err);
+    return rc;
 }
 
 /* Read one file and put it (or its quarantine copy) in the store. LC_OK: f is ready for the

@@ -95,30 +95,21 @@ typedef struct nfile {
 static lc_rc event_json(const ntf_opts *o, lc_store *store, nfile *f, lc_err *err)
 {
     const lc_dicom_header *h = f->h;
-    char *url = NULL, when[32];
+    char when[32];
     lc_event *ev = NULL;
     lc_time_rfc3339(lc_wall_ms(), when);
-    cJSON *d = cJSON_CreateObject(), *src = NULL;
-    if (asprintf(&url, "%s/%s", store ? lc_store_url(store) : "file://dry-run", f->key) < 0)
-        url = NULL;
-    if (!d || !url || !cJSON_AddStringToObject(d, "study_instance_uid", h->study_instance_uid) ||
-        !cJSON_AddStringToObject(d, "series_instance_uid", h->series_instance_uid) ||
-        !cJSON_AddStringToObject(d, "sop_instance_uid", h->sop_instance_uid) ||
-        !cJSON_AddStringToObject(d, "sop_class_uid", h->sop_class_uid ? h->sop_class_uid : "") ||
-        !cJSON_AddStringToObject(d, "url", url) ||
-        !cJSON_AddNumberToObject(d, "size", (double)h->file_size) ||
-        !cJSON_AddStringToObject(d, "sha256", h->sha256) ||
-        !(src = cJSON_AddObjectToObject(d, "source")) ||
-        !cJSON_AddStringToObject(src, "kind", "notify") ||
-        !cJSON_AddStringToObject(src, "name", o->name ? o->name : "notify") ||
-        !cJSON_AddStringToObject(d, "received_at", when)) {
-        cJSON_Delete(d);
-        free(url);
-        return lc_err_set(err, LC_ERR_NOMEM, "out of memory");
-    }
-    free(url);
-    lc_rc rc = lc_event_new(LC_EV_INSTANCE_STORED, "/radpipe/radpipe-notify", h->study_instance_uid,
-                            d, &ev, err);
+    const lc_instance_stored s = {.study_uid = h->study_instance_uid,
+                                  .series_uid = h->series_instance_uid,
+                                  .sop_uid = h->sop_instance_uid,
+                                  .sop_class_uid = h->sop_class_uid,
+                                  .store_url = store ? lc_store_url(store) : "file://dry-run",
+                                  .key = f->key,
+                                  .size = h->file_size,
+                                  .sha256 = h->sha256,
+                                  .source_kind = "notify",
+                                  .source_name = o->name ? o->name : "notify",
+                                  .received_at = when};
+    lc_rc rc = lc_event_instance_stored("/radpipe/radpipe-notify", &s, &ev, err);
     if (rc != LC_OK)
         return rc;
     f->json = lc_event_to_json(ev);

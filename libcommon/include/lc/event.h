@@ -35,6 +35,24 @@ lc_rc lc_event_new(const char *type, const char *source, const char *subject, cJ
                    lc_event **out, lc_err *err);
 void lc_event_free(lc_event *ev);
 
+/* What a radpipe.instance.stored event says (proto/events/instance.stored.json). */
+typedef struct lc_instance_stored {
+    const char *study_uid, *series_uid, *sop_uid;
+    const char *sop_class_uid; /* may be NULL: "" */
+    const char *store_url; /* the store's URL (lc_store_url); the object's URL is it + "/" + key */
+    const char *key;
+    long long size;
+    const char *sha256;      /* 64 hex digits */
+    const char *source_kind; /* "http", "stowrs", "spool", "notify" */
+    const char *source_name; /* may be NULL: no name */
+    const char *received_at; /* RFC 3339 */
+} lc_instance_stored;
+
+/* The radpipe.instance.stored event from the given source for s (the subject is the study).
+ * Every producer builds it here, so they agree on the fields and the URL's form. */
+lc_rc lc_event_instance_stored(const char *source, const lc_instance_stored *s, lc_event **out,
+                               lc_err *err);
+
 /* Serialise (unformatted JSON). Caller frees with free(). NULL on allocation failure. */
 char *lc_event_to_json(const lc_event *ev);
 

@@ -37,8 +37,10 @@ int64_t lc_now_ms(void);
 int64_t lc_wall_ms(void);
 /* RFC 3339 UTC with milliseconds, "2026-11-21T12:00:00.123Z"; out has room for 32 bytes. */
 void lc_time_rfc3339(int64_t wall_ms, char out[32]);
+#ifndef __cplusplus /* C11 atomics; the C++ files (GDCM glue) do not sleep */
 /* Sleep up to ms milliseconds, returning early (with 1) once *stop becomes non-zero. */
 int lc_sleep_ms(int ms, const atomic_int *stop);
+#endif
 
 /* strlcpy semantics: always NUL-terminates, returns strlen(src). */
 size_t lc_strlcpy(char *dst, const char *src, size_t cap);
