@@ -31,6 +31,7 @@
 #include "lc/log.h"
 #include "lc/util.h"
 #include "ts.h"
+#include "ts_index.h"
 #include "ts_proc.h"
 
 #define STUDY    "1.2.826.0.1.3680043.9.7001"
@@ -89,33 +90,15 @@ static void stop_clean(pid_t pid, const char *what, int timeout_ms)
 
 static char *scalar(const char *sql, const char *param)
 {
-    PGresult *r = NULL;
-    lc_err e;
-    const char *p[1] = {param};
-    if (lc_db_exec(db, sql, param ? 1 : 0, param ? p : NULL, &r, &e) != LC_OK)
-        fail_msg("%s: %s", sql, e.msg);
-    char *v = strdup(PQntuples(r) && !PQgetisnull(r, 0, 0) ? PQgetvalue(r, 0, 0) : "");
-    PQclear(r);
+    char *v = ts_db_value(db, sql, param);
+    if (!v)
+        fail_msg("%s failed", sql);
     return v;
-}
-
-/* Poll sql until its first value equals want; returns 1 when it did within timeout_s. */
-static int wait_value(const char *sql, const char *param, const char *want, int timeout_s)
-{
-    for (int i = 0; i < timeout_s * 50; i++) {
-        char *v = scalar(sql, param);
-        int ok = strcmp(v, want) == 0;
-        free(v);
-        if (ok)
-            return 1;
-        usleep(20 * 1000);
-    }
-    return 0;
 }
 
 static void expect_sql(const char *sql, const char *param, const char *want, int timeout_s)
 {
-    if (!wait_value(sql, param, want, timeout_s)) {
+    if (!ts_db_wait_value(db, sql, param, want, timeout_s * 1000)) {
         char got[256];
         char *v = scalar(sql, param);
         lc_strlcpy(got, v, sizeof(got));

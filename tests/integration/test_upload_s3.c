@@ -28,6 +28,7 @@
 #include "lc/store.h"
 #include "lc/util.h"
 #include "ts.h"
+#include "ts_index.h"
 #include "ts_proc.h"
 #include "ts_s3.h"
 
@@ -98,30 +99,23 @@ static void stop_clean(pid_t pid)
 
 static char *scalar(const char *sql, const char *param)
 {
-    PGresult *r = NULL;
-    lc_err e;
-    const char *p[1] = {param};
-    if (lc_db_exec(db, sql, param ? 1 : 0, param ? p : NULL, &r, &e) != LC_OK)
-        fail_msg("%s: %s", sql, e.msg);
-    char *v = strdup(PQntuples(r) && !PQgetisnull(r, 0, 0) ? PQgetvalue(r, 0, 0) : "");
-    PQclear(r);
+    char *v = ts_db_value(db, sql, param);
+    if (!v)
+        fail_msg("%s failed", sql);
     return v;
 }
 
 static void expect_sql(const char *sql, const char *param, const char *want, int timeout_s)
 {
-    for (int i = 0; i < timeout_s * 10; i++) {
+    if (!ts_db_wait_value(db, sql, param, want, timeout_s * 1000)) {
+        char got[256];
         char *v = scalar(sql, param);
-        int ok = strcmp(v, want) == 0;
+        lc_strlcpy(got, v, sizeof(got));
         free(v);
-        if (ok)
-            return;
-        usleep(100 * 1000);
+        ts_stack_dump_log(&st);
+        fail_msg("%s [%s]: got \"%s\", expected \"%s\" within %d s", sql, param ? param : "", got,
+                 want, timeout_s);
     }
-    char *v = scalar(sql, param);
-    ts_stack_dump_log(&st);
-    fail_msg("%s [%s]: got \"%s\", expected \"%s\" within %d s", sql, param ? param : "", v, want,
-             timeout_s);
 }
 
 static void fill(void *buf, size_t len, uint64_t seed)

@@ -5,6 +5,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 #include "lc/dicom.h"
 #include "lc/util.h"
 #include "ts_index.h"
@@ -145,4 +146,33 @@ lc_job *ts_claimed_job(lc_db *db, const lc_job_worker *w, const char *kind, cons
     }
     cJSON_Delete(params);
     return job;
+}
+
+char *ts_db_value(lc_db *db, const char *sql, const char *param)
+{
+    PGresult *r = NULL;
+    lc_err e = {0};
+    const char *p[1] = {param};
+    if (lc_db_exec(db, sql, param ? 1 : 0, param ? p : NULL, &r, &e) != LC_OK) {
+        fprintf(stderr, "%s: %s\n", sql, lc_err_msg(&e));
+        return NULL;
+    }
+    char *v = strdup(PQntuples(r) && !PQgetisnull(r, 0, 0) ? PQgetvalue(r, 0, 0) : "");
+    PQclear(r);
+    return v;
+}
+
+int ts_db_wait_value(lc_db *db, const char *sql, const char *param, const char *want,
+                     int timeout_ms)
+{
+    for (int64_t end = lc_now_ms() + timeout_ms;;) {
+        char *v = ts_db_value(db, sql, param);
+        int ok = v && strcmp(v, want) == 0;
+        free(v);
+        if (ok)
+            return 1;
+        if (lc_now_ms() >= end)
+            return 0;
+        usleep(20 * 1000);
+    }
 }

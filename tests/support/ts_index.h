@@ -21,4 +21,11 @@ int ts_index_dir(lc_db *db, lc_store *store, const char *dir, char *study_uid);
 lc_job *ts_claimed_job(lc_db *db, const lc_job_worker *w, const char *kind, const char *study_uid,
                        const char *params_json);
 
+/* The first column of the first row of sql (one optional $1 param): "" when there is no row
+ * or it is NULL; NULL when the statement fails (its message on stderr). Caller frees. */
+char *ts_db_value(lc_db *db, const char *sql, const char *param);
+/* Poll ts_db_value every 20 ms until it equals want: 1 when it did within timeout_ms. */
+int ts_db_wait_value(lc_db *db, const char *sql, const char *param, const char *want,
+                     int timeout_ms);
+
 #endif
