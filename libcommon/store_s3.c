@@ -723,6 +723,21 @@ static lc_rc nomem(lc_err *err)
     return lc_err_set(err, LC_ERR_NOMEM, "out of memory building an object store request");
 }
 
+lc_rc s3_get_xml(s3store *st, const char *url_key, const char *query, const char *what,
+                 const char *shown_key, s3_xml_fn fn, void *ctx, lc_err *err)
+{
+    s3call c = {.method = "GET", .what = what, .key = shown_key};
+    if (!(c.url = s3_url(st, url_key, query)) || s3_add_body_headers(st, &c, NULL, 0, NULL) != 0) {
+        s3_call_free(&c);
+        return nomem(err);
+    }
+    lc_rc rc = s3_call_perform(st, &c, err);
+    if (rc == LC_OK)
+        rc = s3_xml_parse(c.resp.data ? c.resp.data : "", c.resp.len, NULL, fn, ctx, err);
+    s3_call_free(&c);
+    return rc;
+}
+
 lc_rc s3_put(lc_store *s, const char *key, const void *buf, size_t len, const char *digest,
              const char *sha256_hex, lc_err *err)
 {
@@ -1057,7 +1072,6 @@ static lc_rc s3_list(lc_store *s, const char *prefix, lc_store_list_fn fn, void 
         goto out;
     }
     for (;;) {
-        s3call c = {.method = "GET", .what = "list", .key = prefix};
         free(query);
         query = NULL;
         /* the canonical query: parameters sorted by name, values encoded */
@@ -1072,20 +1086,10 @@ static lc_rc s3_list(lc_store *s, const char *prefix, lc_store_list_fn fn, void 
         }
         free(etoken);
         etoken = NULL;
-        if (!(c.url = s3_url(st, NULL, query)) || s3_add_body_headers(st, &c, NULL, 0, NULL) != 0) {
-            s3_call_free(&c);
-            rc = nomem(err);
-            goto out;
-        }
-        rc = s3_call_perform(st, &c, err);
-        if (rc == LC_OK) {
-            char root[64];
-            l.truncated = 0;
-            free(l.token);
-            l.token = NULL;
-            rc = s3_xml_parse(c.resp.data ? c.resp.data : "", c.resp.len, root, list_fn, &l, err);
-        }
-        s3_call_free(&c);
+        l.truncated = 0;
+        free(l.token);
+        l.token = NULL;
+        rc = s3_get_xml(st, NULL, query, "list", prefix, list_fn, &l, err);
         if (rc != LC_OK || l.stopped || !l.truncated)
             break;
         if (!l.token) {

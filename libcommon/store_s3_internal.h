@@ -101,6 +101,10 @@ void s3_call_reset(s3call *c);
 typedef void (*s3_xml_fn)(void *ctx, const char *path, const char *text);
 lc_rc s3_xml_parse(const char *xml, size_t len, char root[64], s3_xml_fn fn, void *ctx,
                    lc_err *err);
+/* GET url_key (NULL: the bucket) with query (a canonical query string) under s3_call_perform
+ * and feed the XML answer to fn. what and shown_key name the call in errors. */
+lc_rc s3_get_xml(s3store *st, const char *url_key, const char *query, const char *what,
+                 const char *shown_key, s3_xml_fn fn, void *ctx, lc_err *err);
 /* The Code and Message of an <Error> document ("" when absent). */
 void s3_xml_error(const char *xml, size_t len, char code[64], char msg[256]);
 

@@ -283,20 +283,13 @@ lc_rc s3_mpu_list_parts(lc_store *s, const char *key, const char *upload_id, lc_
         char before[48];
         snprintf(before, sizeof(before), "part-number-marker=%ld", p.marker);
         char *q = upload_query(p.marker ? before : NULL, upload_id, NULL);
-        s3call c = {.method = "GET", .what = "list the parts of", .key = key};
-        if (!q || !(c.url = s3_url(st, key, q)) ||
-            s3_add_body_headers(st, &c, NULL, 0, NULL) != 0) {
-            free(q);
-            s3_call_free(&c);
+        if (!q) {
             rc = nomem(err);
             break;
         }
-        free(q);
-        rc = s3_call_perform(st, &c, err);
         p.truncated = 0;
-        if (rc == LC_OK)
-            rc = s3_xml_parse(c.resp.data ? c.resp.data : "", c.resp.len, NULL, parts_fn, &p, err);
-        s3_call_free(&c);
+        rc = s3_get_xml(st, key, q, "list the parts of", key, parts_fn, &p, err);
+        free(q);
         if (rc == LC_OK && p.nomem)
             rc = nomem(err);
         if (rc != LC_OK || !p.truncated || !p.marker)
@@ -363,7 +356,6 @@ lc_rc s3_mpu_list(lc_store *s, const char *prefix, lc_store_mpu_list_fn fn, void
     }
     for (int page = 0; page < 10000; page++) {
         char *q = NULL, *ek = NULL, *ei = NULL;
-        s3call c = {.method = "GET", .what = "list the uploads of", .key = prefix};
         int r;
         if (u.next_key) { /* sorted: key-marker, prefix, upload-id-marker, uploads */
             ek = s3_escape(u.next_key, 0);
@@ -376,22 +368,13 @@ lc_rc s3_mpu_list(lc_store *s, const char *prefix, lc_store_mpu_list_fn fn, void
         }
         free(ek);
         free(ei);
-        if (r < 0 || !(c.url = s3_url(st, NULL, q)) ||
-            s3_add_body_headers(st, &c, NULL, 0, NULL) != 0) {
-            if (r < 0)
-                q = NULL;
-            free(q);
-            s3_call_free(&c);
+        if (r < 0) {
             rc = nomem(err);
             break;
         }
-        free(q);
-        rc = s3_call_perform(st, &c, err);
         u.truncated = 0;
-        if (rc == LC_OK)
-            rc =
-                s3_xml_parse(c.resp.data ? c.resp.data : "", c.resp.len, NULL, uploads_fn, &u, err);
-        s3_call_free(&c);
+        rc = s3_get_xml(st, NULL, q, "list the uploads of", prefix, uploads_fn, &u, err);
+        free(q);
         if (rc != LC_OK || u.stopped || !u.truncated || !u.next_key)
             break;
     }
