@@ -25,7 +25,8 @@ typedef struct idx_cfg {
     long long quiet_seconds;    /* RADPIPE_STUDY_QUIET_SECONDS: completion after this quiet */
     long long job_max_attempts; /* RADPIPE_JOB_MAX_ATTEMPTS: for the jobs completion creates */
     long long parse_threads;    /* RADPIPE_INDEX_PARSE_THREADS: 0 = one per online CPU */
-    int verify_sha256;          /* RADPIPE_INDEX_VERIFY_SHA256: hash every stored object */
+    int verify_sha256;          /* RADPIPE_INDEX_VERIFY_SHA256: false = trust every producer */
+    char *trusted_sources;      /* RADPIPE_INDEX_TRUSTED_SOURCES: comma-separated */
     char *spool_watch_dir;      /* RADPIPE_SPOOL_WATCH_DIR: "" = no spool watcher */
 } idx_cfg;
 
@@ -73,6 +74,10 @@ typedef struct idx_ctx {
 lc_rc idx_init(idx_ctx *x, lc_db *db, lc_store *store, const char *prefix, const char *source,
                const idx_cfg *cfg, lc_metrics *metrics, lc_err *err);
 void idx_release(idx_ctx *x);
+
+/* Whether events from CloudEvents source `source` have their sha256 claim taken rather than
+ * the object hashed again (RADPIPE_INDEX_VERIFY_SHA256, RADPIPE_INDEX_TRUSTED_SOURCES). */
+int idx_source_trusted(const idx_cfg *cfg, const char *source);
 
 /* The lc_kafka_batch_fn of the instance.stored consumer (ctx: idx_ctx). Poison messages are
  * quarantined; LC_OK once the whole batch is committed in one transaction; an error (store or

@@ -34,9 +34,15 @@ const lc_cfg_var idx_cfg_vars[] = {
      "threads that read, hash and parse the objects of a batch; 0 = one per online CPU",
      OFF(parse_threads)},
     {"RADPIPE_INDEX_VERIFY_SHA256", LC_CFG_BOOL, "true", 0, 0, 0, NULL,
-     "hash every object (the stored bytes decide SHA-256 and size); false trusts the event's "
-     "sha256 when the object's size matches it",
+     "hash the objects of events from sources outside RADPIPE_INDEX_TRUSTED_SOURCES (the "
+     "stored bytes decide SHA-256 and size); false trusts every event's sha256 when the "
+     "object's size matches it",
      OFF(verify_sha256)},
+    {"RADPIPE_INDEX_TRUSTED_SOURCES", LC_CFG_STR, "/radpipe/api-gateway,/radpipe/dicom-indexer", 0,
+     -1, 0, NULL,
+     "comma-separated CloudEvents sources whose sha256 is taken when the object's size matches "
+     "(producers that hash the bytes they store on the way in); empty = hash every object",
+     OFF(trusted_sources)},
     {"RADPIPE_SPOOL_WATCH_DIR", LC_CFG_STR, NULL, 0, 0, 0, NULL,
      "folder a DICOM receiver writes into (inotify): each finished file is moved into the "
      "object store and indexed; unset = off",
@@ -446,8 +452,36 @@ static int sha_hex(const char *s)
     return n == 64;
 }
 
-/* The event's claim of sha256 and size, trusted (RADPIPE_INDEX_VERIFY_SHA256=false) only when
- * the object has that size. */
+/* Whether the event comes from a producer whose sha256 claims are taken: every producer with
+ * RADPIPE_INDEX_VERIFY_SHA256=false, else those named in RADPIPE_INDEX_TRUSTED_SOURCES. By
+ * default these are radpipe's own ways in, the gateway (STOW-RS, POST /api/v1/instances) and
+ * the indexer's spool watcher: each hashes the very bytes it writes into the store while it
+ * writes them, so hashing them again here (about half a millisecond per CT slice, the largest
+ * cost of indexing one) would only repeat that work. Events from other producers (external
+ * pipelines, radpipe-notify, which hashes files it does not own) are hashed here. */
+int idx_source_trusted(const idx_cfg *cfg, const char *source)
+{
+    if (!cfg->verify_sha256)
+        return 1;
+    const char *l = cfg->trusted_sources;
+    const size_t n = source ? strlen(source) : 0;
+    while (n && l && *l) {
+        const char *end = strchr(l, ',');
+        size_t len = end ? (size_t)(end - l) : strlen(l);
+        const char *b = l, *e = l + len; /* trimmed: "a, b" names b */
+        while (b < e && (*b == ' ' || *b == '\t'))
+            b++;
+        while (e > b && (e[-1] == ' ' || e[-1] == '\t'))
+            e--;
+        if ((size_t)(e - b) == n && memcmp(b, source, n) == 0)
+            return 1;
+        l = end ? end + 1 : NULL;
+    }
+    return 0;
+}
+
+/* The event's claim of sha256 and size, taken from a trusted producer (idx_source_trusted)
+ * only when the object has that size. */
 static int trust_event_hash(idx_item *it, const char *path)
 {
     const cJSON *sha = cJSON_GetObjectItemCaseSensitive(it->ev->data, "sha256");
@@ -503,7 +537,7 @@ static void load_object(idx_ctx *x, idx_item *it, size_t i)
     const char *p = tmp ? tmp : path;
     if (rc == LC_OK) {
         unsigned flags = LC_DICOM_JSON;
-        const int trusted = !x->cfg.verify_sha256 && trust_event_hash(it, p);
+        const int trusted = idx_source_trusted(&x->cfg, it->ev->source) && trust_event_hash(it, p);
         if (!trusted)
             flags |= LC_DICOM_SHA256;
         rc = lc_dicom_read_header_ex(p, flags, &it->h, &e);

@@ -161,9 +161,11 @@ static void add_raw(fx *f, char *payload /* consumed */)
     f->n++;
 }
 
-/* An instance.stored event for url with the given UIDs; its id is copied to id_out. */
-static void add_event(fx *f, const char *study, const char *series, const char *sop,
-                      const char *url, const char *sha, long long size, char id_out[129])
+/* An instance.stored event from CloudEvents source `source` for url with the given UIDs; its
+ * id is copied to id_out. */
+static void add_event_from(fx *f, const char *source, const char *study, const char *series,
+                           const char *sop, const char *url, const char *sha, long long size,
+                           char id_out[129])
 {
     lc_event *ev = NULL;
     lc_err err = {0};
@@ -174,7 +176,7 @@ static void add_event(fx *f, const char *study, const char *series, const char *
     cJSON_AddStringToObject(d, "url", url);
     cJSON_AddNumberToObject(d, "size", (double)size);
     cJSON_AddStringToObject(d, "sha256", sha);
-    if (lc_event_new(LC_EV_INSTANCE_STORED, "/radpipe/test", study, d, &ev, &err) != LC_OK)
+    if (lc_event_new(LC_EV_INSTANCE_STORED, source, study, d, &ev, &err) != LC_OK)
         fail_msg("event: %s", lc_err_msg(&err));
     if (id_out)
         lc_strlcpy(id_out, ev->id, 129);
@@ -182,6 +184,12 @@ static void add_event(fx *f, const char *study, const char *series, const char *
     assert_non_null(json);
     lc_event_free(ev);
     add_raw(f, json);
+}
+
+static void add_event(fx *f, const char *study, const char *series, const char *sop,
+                      const char *url, const char *sha, long long size, char id_out[129])
+{
+    add_event_from(f, "/radpipe/test", study, series, sop, url, sha, size, id_out);
 }
 
 static char *object_url(fx *f, const char *key)
@@ -315,6 +323,8 @@ static void test_config_table(void **state)
     assert_int_equal(c.batch_max, 500);
     assert_int_equal(c.quiet_seconds, 10);
     assert_int_equal(c.job_max_attempts, 5);
+    assert_true(c.verify_sha256);
+    assert_string_equal(c.trusted_sources, "/radpipe/api-gateway,/radpipe/dicom-indexer");
     lc_cfg_release(t, 1);
 }
 
@@ -464,6 +474,62 @@ static void test_replace_changed_file(void **state)
              " WHERE sop_uid = $1",
              sops[1], want);
     assert_int_equal(count_rows(f, "instances"), 4);
+}
+
+static void test_source_trusted(void **state)
+{
+    (void)state;
+    char list[] = "/radpipe/api-gateway, /radpipe/dicom-indexer";
+    idx_cfg c = {.verify_sha256 = 1, .trusted_sources = list};
+    assert_true(idx_source_trusted(&c, "/radpipe/api-gateway"));
+    assert_true(idx_source_trusted(&c, "/radpipe/dicom-indexer"));
+    assert_false(idx_source_trusted(&c, "/radpipe/api-gatewayx"));
+    assert_false(idx_source_trusted(&c, "/radpipe/api"));
+    assert_false(idx_source_trusted(&c, "/radpipe/radpipe-notify"));
+    assert_false(idx_source_trusted(&c, ""));
+    assert_false(idx_source_trusted(&c, NULL));
+    char empty[] = "";
+    c.trusted_sources = empty;
+    assert_false(idx_source_trusted(&c, "/radpipe/api-gateway"));
+    c.trusted_sources = NULL;
+    assert_false(idx_source_trusted(&c, "/radpipe/api-gateway"));
+    c.verify_sha256 = 0; /* RADPIPE_INDEX_VERIFY_SHA256=false: every producer */
+    assert_true(idx_source_trusted(&c, "/radpipe/test"));
+}
+
+/* With verification on, only a trusted producer's sha256 claim is taken, and only when the
+ * object has the claimed size; everything else is hashed from the stored bytes. */
+static void test_trusted_source_hash(void **state)
+{
+    fx *f = *state;
+    char list[] = "/radpipe/api-gateway";
+    f->x.cfg.verify_sha256 = 1;
+    f->x.cfg.trusted_sources = list;
+    char real[3][65], *src = NULL, *u = NULL;
+    long long size[3];
+    const char *claim = "abababababababababababababababababababababababababababababababab";
+    const char *source[3] = {"/radpipe/test", "/radpipe/api-gateway", "/radpipe/api-gateway"};
+    for (int i = 0; i < 3; i++) {
+        char key[64];
+        snprintf(key, sizeof(key), "incoming/t/%d.dcm", i);
+        if (asprintf(&src, "%s/%s", f->jpeg_dir, files[i]) < 0)
+            abort();
+        put_file(f, src, key, real[i], &size[i]);
+        u = object_url(f, key);
+        /* slice 2 claims a size its object does not have */
+        add_event_from(f, source[i], STUDY, SERIES, sops[i], u, claim, size[i] + (i == 2), NULL);
+        free(u);
+        free(src);
+    }
+    run_ok(f);
+    assert_int_equal(f->x.last.inserted, 3);
+    const char *want[3] = {real[0], claim, real[2]};
+    for (int i = 0; i < 3; i++) {
+        char w[128];
+        snprintf(w, sizeof(w), "%s|%lld", want[i], size[i]);
+        assert_q(f, "SELECT concat_ws('|', sha256, size_bytes) FROM instances WHERE sop_uid = $1",
+                 sops[i], w);
+    }
 }
 
 static void test_poison_is_quarantined(void **state)
@@ -765,6 +831,8 @@ int main(void)
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_config_table),
         cmocka_unit_test(test_utf8_fix),
+        cmocka_unit_test(test_source_trusted),
+        cmocka_unit_test_setup_teardown(test_trusted_source_hash, setup, teardown),
         cmocka_unit_test_setup_teardown(test_index_series, setup, teardown),
         cmocka_unit_test_setup_teardown(test_replace_changed_file, setup, teardown),
         cmocka_unit_test_setup_teardown(test_poison_is_quarantined, setup, teardown),
