@@ -6,7 +6,9 @@
 # --recursive` of the study's folder) and one 1 GiB file (a single object through multipart
 # for both). A private PostgreSQL comes from `radpipe-stack --no-services`. Each tool runs
 # BENCH_UPLOAD_ROUNDS (2) times per data set in alternating order to fresh prefixes; the best
-# round counts. Both are timed the same way: the wall time of the whole command.
+# round counts. Both are timed the same way: the wall time of the whole command. The folder
+# (s3rver's data too) is under $TMPDIR, else /var/tmp: creating files under /tmp is slow on
+# these machines (tests/bench/README.md, "File creation").
 # Knobs: BENCH_UPLOAD_INSTANCES (2000), BENCH_UPLOAD_BIG_MIB (1024), BENCH_UPLOAD_ROUNDS (2).
 set -eu
 build=$1
@@ -28,7 +30,7 @@ for tool in node aws "$build/bench/bench_upload" "$build/bin/radpipe-stack"; do
 done
 
 # PostgreSQL (run as the postgres user under root) must be able to search the directory
-work=$(mktemp -d "${TMPDIR:-/tmp}/radpipe-bench-upload.XXXXXX")
+work=$(mktemp -d "${TMPDIR:-/var/tmp}/radpipe-bench-upload.XXXXXX")
 chmod 755 "$work"
 stack_pid=""
 s3_pid=""

@@ -18,7 +18,7 @@ bench_die() {
 # The work folder: our own, searchable by the postgres user the stack runs PostgreSQL as when
 # we are root (run.sh's mktemp folder is 0700).
 bench_workdir() {
-	BENCH_WORK=$(mktemp -d "${TMPDIR:-/tmp}/radpipe-bench.XXXXXX") || bench_die "mktemp"
+	BENCH_WORK=$(mktemp -d "${TMPDIR:-/var/tmp}/radpipe-bench.XXXXXX") || bench_die "mktemp"
 	chmod 755 "$BENCH_WORK"
 }
 
