@@ -178,20 +178,18 @@ stow_peer() { # MANIFEST
 stow_ours 10 "$BENCH_WORK/warm-ours.tsv" || bench_die "radpipe STOW-RS warm-up failed"
 stow_peer "$BENCH_WORK/warm-peer.tsv" || bench_die "Orthanc STOW-RS warm-up failed: $(cat "$res")"
 so="" so_acc="" sp="" so_all="" sp_all=""
-best() { echo "$1 $2" | awk '{ print ($1 == "" || $2 > $1) ? $2 : $1 }'; }
 for k in $(seq 1 "$stow_rounds"); do
 	order="ours peer"
 	[ $((k % 2)) -eq 0 ] && order="peer ours"
 	for who in $order; do
 		if [ "$who" = ours ]; then
 			stow_ours "$stow_n" "$BENCH_WORK/stow$k.tsv" || bench_die "radpipe STOW-RS failed"
-			r=$(field "$res" rate)
-			[ "$(best "$so" "$r")" = "$r" ] && so_acc=$(field "$res" files_per_s)
-			so=$(best "$so" "$r") so_all="$so_all $r"
+			r=$(field "$res" rate) so_all="$so_all $r"
+			bench_better "$so" "$r" && so=$r so_acc=$(field "$res" files_per_s)
 		else
 			stow_peer "$BENCH_WORK/stow$k.tsv" || bench_die "Orthanc STOW-RS failed: $(cat "$res")"
-			r=$(field "$res" files_per_s)
-			sp=$(best "$sp" "$r") sp_all="$sp_all $r"
+			r=$(field "$res" files_per_s) sp_all="$sp_all $r"
+			bench_better "$sp" "$r" && sp=$r
 		fi
 	done
 done

@@ -201,6 +201,11 @@ bench_ratio() {
 	echo "$1 $2" | awk '{ if ($2 > 0) printf "%.1fx", $1 / $2; else print "n/a" }'
 }
 
+# bench_better BEST NEW: true when NEW beats BEST (or BEST is still empty), for best-of-rounds.
+bench_better() {
+	[ -z "$1" ] || awk -v a="$1" -v b="$2" 'BEGIN { exit !(b + 0 > a + 0) }'
+}
+
 # bench_verdict OURS PEER TARGET: "meets the Nx target" or "below the Nx target".
 bench_verdict() {
 	echo "$1 $2 $3" | awk '{ if ($2 > 0 && $1 / $2 >= $3) printf "meets the %gx target", $3;
