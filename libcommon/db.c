@@ -1,6 +1,7 @@
 /*
  * db.c: PostgreSQL over libpq (see lc/db.h): non-blocking connects bounded by deadlines,
- * statements through PQexecParams with SQLSTATE-based error classes, transactions with retry,
+ * statements through PQexecParams (or, for a service's hot fixed statements, prepared once per
+ * session: lc_db_exec_static) with SQLSTATE-based error classes, transactions with retry,
  * migrations under an advisory lock, and a fixed-size pool.
  * An lc_db (its PGconn, its last SQLSTATE) belongs to one thread at a time; the pool is
  * thread-safe (one mutex and condition variable) and owns the connections it holds.
@@ -28,11 +29,18 @@
 #define TX_BACKOFF_MIN_MS      50
 #define TX_BACKOFF_MAX_MS      2000
 
+/* Statements lc_db_exec_static prepares on one session; later ones run unprepared. */
+#define PREPARED_MAX 32
+
 struct lc_db {
     PGconn *conn;
     char sqlstate[6];
     /* host:port/dbname, for messages and logs: never the URL, which may carry a password */
     char where[256];
+    /* the texts prepared on this session as "lc_<index>", by address (static strings); a
+     * reset session (lc_db_ensure) has none */
+    const char *prepared[PREPARED_MAX];
+    int nprepared;
 };
 
 /* libpq prints notices (e.g. "relation already exists, skipping") on stderr by default,
@@ -245,6 +253,7 @@ lc_rc lc_db_ensure(lc_db *db, lc_err *err)
     one_line(why, sizeof(why), PQerrorMessage(db->conn));
     lc_log_warn("database connection lost, reconnecting", LC_LS("db", db->where),
                 LC_LS("error", why));
+    db->nprepared = 0; /* the old session, and what was prepared on it, is gone */
     if (!PQresetStart(db->conn) ||
         !poll_connect(db->conn, 1, lc_now_ms() + RESET_TIMEOUT_MS, NULL) ||
         PQstatus(db->conn) != CONNECTION_OK) {
@@ -319,6 +328,33 @@ lc_rc lc_db_exec(lc_db *db, const char *sql, int nparams, const char *const *par
     if (PQstatus(db->conn) != CONNECTION_OK)
         return fail(db, NULL, err);
     PGresult *r = PQexecParams(db->conn, sql, nparams, NULL, params, NULL, NULL, 0);
+    return finish(db, r, res, err);
+}
+
+lc_rc lc_db_exec_static(lc_db *db, const char *sql, int nparams, const char *const *params,
+                        PGresult **res, lc_err *err)
+{
+    if (res)
+        *res = NULL;
+    db->sqlstate[0] = '\0';
+    if (PQstatus(db->conn) != CONNECTION_OK)
+        return fail(db, NULL, err);
+    int k = 0;
+    while (k < db->nprepared && db->prepared[k] != sql)
+        k++;
+    if (k == PREPARED_MAX)
+        return lc_db_exec(db, sql, nparams, params, res, err);
+    char name[16];
+    snprintf(name, sizeof(name), "lc_%d", k);
+    if (k == db->nprepared) {
+        /* Parse is not transactional: the statement stays prepared even if the transaction
+         * it was prepared in rolls back */
+        lc_rc rc = finish(db, PQprepare(db->conn, name, sql, nparams, NULL), NULL, err);
+        if (rc != LC_OK)
+            return rc;
+        db->prepared[db->nprepared++] = sql;
+    }
+    PGresult *r = PQexecPrepared(db->conn, name, nparams, params, NULL, NULL, 0);
     return finish(db, r, res, err);
 }
 

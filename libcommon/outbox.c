@@ -18,7 +18,7 @@ static const char insert_sql[] =
 lc_rc lc_outbox_add(lc_db *db, const char *topic, const char *key, const char *payload, lc_err *err)
 {
     const char *params[3] = {topic, key, payload};
-    lc_rc rc = lc_db_exec(db, insert_sql, 3, params, NULL, err);
+    lc_rc rc = lc_db_exec_static(db, insert_sql, 3, params, NULL, err);
     if (rc != LC_OK)
         lc_err_wrap(err, "could not add an event for \"%s\" to the outbox", topic);
     return rc;
@@ -89,7 +89,7 @@ lc_rc lc_outbox_add_events(lc_db *db, const char *prefix, lc_topic t, lc_event *
     if (!rows)
         return lc_err_set(err, LC_ERR_NOMEM, "out of memory serialising %zu events", n);
     const char *params[2] = {topic, rows};
-    rc = lc_db_exec(db, insert_many_sql, 2, params, NULL, err);
+    rc = lc_db_exec_static(db, insert_many_sql, 2, params, NULL, err);
     if (rc != LC_OK)
         lc_err_wrap(err, "could not add %zu events for \"%s\" to the outbox", n, topic);
     free(rows);

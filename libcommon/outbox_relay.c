@@ -84,11 +84,11 @@ static lc_rc relay_round(lc_db *db, lc_kafka_producer *p, int max, int timeout_m
         goto out;
     /* FOR UPDATE rather than SKIP LOCKED: a second publisher (lc_outbox_relay_once next to a
      * relay) waits and then finds the rows gone, instead of publishing later rows early */
-    rc = lc_db_exec(db,
-                    "SELECT id, topic, key, payload, "
-                    "extract(epoch FROM clock_timestamp() - created_at)::float8 "
-                    "FROM outbox ORDER BY id LIMIT $1 FOR UPDATE",
-                    1, params, &rows, err);
+    rc = lc_db_exec_static(db,
+                           "SELECT id, topic, key, payload, "
+                           "extract(epoch FROM clock_timestamp() - created_at)::float8 "
+                           "FROM outbox ORDER BY id LIMIT $1 FOR UPDATE",
+                           1, params, &rows, err);
     if (rc != LC_OK) {
         lc_err_wrap(err, "could not read the outbox");
         goto out;
@@ -133,7 +133,8 @@ static lc_rc relay_round(lc_db *db, lc_kafka_producer *p, int max, int timeout_m
     ids[len] = '\0';
     if (ndel > 0) {
         const char *del[1] = {ids};
-        rc = lc_db_exec(db, "DELETE FROM outbox WHERE id = ANY($1::bigint[])", 1, del, NULL, err);
+        rc = lc_db_exec_static(db, "DELETE FROM outbox WHERE id = ANY($1::bigint[])", 1, del, NULL,
+                               err);
         if (rc == LC_OK)
             rc = lc_db_commit(db, err);
         if (rc != LC_OK) {

@@ -81,7 +81,8 @@ int gw_auth_require(gw_req *r, gw_scope need)
     memset(token, 0, sizeof(token));
 
     const char *params[1] = {hash};
-    if (gw_db(r, &db, &err) != LC_OK || lc_db_exec(db, lookup_sql, 1, params, &res, &err) != LC_OK)
+    if (gw_db(r, &db, &err) != LC_OK ||
+        lc_db_exec_static(db, lookup_sql, 1, params, &res, &err) != LC_OK)
         return gw_send_unavailable(r, "the token database", &err);
     /* the lookup is by hash, so timing tells nothing about the token; the comparison in
      * constant time keeps it that way should the lookup ever change */

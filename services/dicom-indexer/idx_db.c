@@ -280,7 +280,7 @@ lc_rc idx_db_mark_processed(lc_db *db, idx_item *items, size_t n, lc_err *err)
     if (count == 0)
         goto out;
     const char *p[2] = {IDX_SERVICE, ids};
-    if ((rc = lc_db_exec(db, seen_sql, 2, p, &res, err)) != LC_OK)
+    if ((rc = lc_db_exec_static(db, seen_sql, 2, p, &res, err)) != LC_OK)
         goto out;
     for (int r = 0; r < PQntuples(res); r++) {
         for (size_t i = 0; i < n; i++)
@@ -306,7 +306,7 @@ static lc_rc claim_events(lc_db *db, idx_item *items, size_t n, int *claimed, lc
     if (count == 0)
         goto out;
     const char *p[2] = {IDX_SERVICE, ids};
-    if ((rc = lc_db_exec(db, claim_sql, 2, p, &res, err)) != LC_OK)
+    if ((rc = lc_db_exec_static(db, claim_sql, 2, p, &res, err)) != LC_OK)
         goto out;
     if ((size_t)PQntuples(res) == count) { /* the usual case: every event is new */
         for (size_t i = 0; i < n; i++)

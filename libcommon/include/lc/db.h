@@ -35,6 +35,15 @@ lc_rc lc_db_ensure(lc_db *db, lc_err *err);
  * and unique violations (23505), LC_ERR_DB otherwise. */
 lc_rc lc_db_exec(lc_db *db, const char *sql, int nparams, const char *const *params, PGresult **res,
                  lc_err *err);
+/* lc_db_exec for a fixed statement run often (the gateway's token lookup, the outbox): it is
+ * prepared on the session the first time and then only bound and executed, which saves
+ * PostgreSQL parsing and planning it again each time. sql must have static storage duration
+ * (it is remembered by address) and the same text and parameter count every call; a
+ * statement whose best plan depends on its parameters or on a table's changing size belongs
+ * in lc_db_exec, which plans every call. A session that is reset (lc_db_ensure) prepares
+ * again; past PREPARED_MAX statements (db.c) the rest run unprepared. */
+lc_rc lc_db_exec_static(lc_db *db, const char *sql, int nparams, const char *const *params,
+                        PGresult **res, lc_err *err);
 /* The SQLSTATE of the last failed statement on db ("" when none). */
 const char *lc_db_sqlstate(const lc_db *db);
 

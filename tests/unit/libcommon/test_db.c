@@ -487,6 +487,71 @@ static void test_connection_loss_recovers(void **state)
     free(url);
 }
 
+/* lc_db_exec_static: prepared once per session, kept across a rolled-back transaction,
+ * prepared again on a reset session; parameters stay data; a failing text is not kept. */
+static const char static_count_sql[] = "SELECT count(*) FROM s WHERE x > $1::int";
+static const char static_echo_sql[] = "SELECT $1::text";
+static const char static_bad_sql[] = "SELEC 1";
+
+static long long static_ll(lc_db *db, const char *sql, const char *p1)
+{
+    PGresult *r = NULL;
+    lc_err err = {0};
+    const char *p[1] = {p1};
+    if (lc_db_exec_static(db, sql, 1, p, &r, &err) != LC_OK)
+        fail_msg("%s: %s", sql, lc_err_msg(&err));
+    long long v = atoll(PQgetvalue(r, 0, 0));
+    PQclear(r);
+    return v;
+}
+
+static void test_exec_static(void **state)
+{
+    (void)state;
+    char *url = fresh_url();
+    lc_db *db = connect_ok(url);
+    lc_db *killer = connect_ok(url);
+    lc_err err = {0};
+    PGresult *r = NULL;
+    exec_ok(db, "CREATE TABLE s (x int)");
+    exec_ok(db, "INSERT INTO s SELECT generate_series(1, 10)");
+    static const char count_prepared[] =
+        "SELECT count(*) FROM pg_prepared_statements WHERE statement = $1";
+    const char *q[1] = {static_count_sql};
+
+    assert_int_equal(static_ll(db, static_count_sql, "3"), 7);
+    assert_int_equal(static_ll(db, static_count_sql, "8"), 2); /* new parameters, same plan */
+    assert_int_equal(query_ll(db, count_prepared, 1, q), 1);
+
+    /* prepared inside a transaction that rolls back: still prepared, not prepared twice */
+    exec_ok(db, "BEGIN");
+    const char *evil[1] = {"'; DROP TABLE s;--"};
+    assert_int_equal(lc_db_exec_static(db, static_echo_sql, 1, evil, &r, &err), LC_OK);
+    assert_string_equal(PQgetvalue(r, 0, 0), evil[0]);
+    PQclear(r);
+    exec_ok(db, "ROLLBACK");
+    assert_int_equal(lc_db_exec_static(db, static_echo_sql, 1, evil, NULL, &err), LC_OK);
+    assert_int_equal(query_ll(db, "SELECT count(*) FROM pg_prepared_statements", 0, NULL), 2);
+    assert_int_equal(query_ll(db, "SELECT count(*) FROM s", 0, NULL), 10);
+
+    /* a text the server refuses is an error with its SQLSTATE and is not remembered */
+    for (int i = 0; i < 2; i++) {
+        assert_int_equal(lc_db_exec_static(db, static_bad_sql, 0, NULL, NULL, &err), LC_ERR_DB);
+        assert_string_equal(lc_db_sqlstate(db), "42601");
+    }
+    assert_int_equal(query_ll(db, "SELECT count(*) FROM pg_prepared_statements", 0, NULL), 2);
+
+    /* a reset session has nothing prepared: the next call prepares again */
+    kill_backend(db, killer);
+    assert_int_equal(lc_db_ensure(db, &err), LC_OK);
+    assert_int_equal(query_ll(db, count_prepared, 1, q), 0);
+    assert_int_equal(static_ll(db, static_count_sql, "0"), 10);
+    assert_int_equal(query_ll(db, count_prepared, 1, q), 1);
+    lc_db_free(killer);
+    lc_db_free(db);
+    free(url);
+}
+
 #define POOL_SIZE    3
 #define POOL_THREADS 8
 #define POOL_ROUNDS  5
@@ -579,6 +644,7 @@ int main(void)
         cmocka_unit_test(test_tx_commit_rollback_retry),
         cmocka_unit_test(test_tx_serialization_failure_retried),
         cmocka_unit_test(test_connection_loss_recovers),
+        cmocka_unit_test(test_exec_static),
         cmocka_unit_test(test_pool),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
