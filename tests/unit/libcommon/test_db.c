@@ -42,17 +42,25 @@ static void exec_ok(lc_db *db, const char *sql)
         fail_msg("%s: %s", sql, lc_err_msg(&err));
 }
 
-/* The single value of a one-row query, as a long long. */
-static long long query_ll(lc_db *db, const char *sql, int n, const char *const *p)
+typedef lc_rc (*exec_fn)(lc_db *db, const char *sql, int nparams, const char *const *params,
+                         PGresult **res, lc_err *err);
+
+/* The single value of a one-row query run by exec, as a long long. */
+static long long value_ll(exec_fn exec, lc_db *db, const char *sql, int n, const char *const *p)
 {
     PGresult *r = NULL;
     lc_err err = {0};
-    if (lc_db_exec(db, sql, n, p, &r, &err) != LC_OK)
+    if (exec(db, sql, n, p, &r, &err) != LC_OK)
         fail_msg("%s: %s", sql, lc_err_msg(&err));
     assert_int_equal(PQntuples(r), 1);
     long long v = atoll(PQgetvalue(r, 0, 0));
     PQclear(r);
     return v;
+}
+
+static long long query_ll(lc_db *db, const char *sql, int n, const char *const *p)
+{
+    return value_ll(lc_db_exec, db, sql, n, p);
 }
 
 static void test_connect_and_query(void **state)
@@ -495,14 +503,8 @@ static const char static_bad_sql[] = "SELEC 1";
 
 static long long static_ll(lc_db *db, const char *sql, const char *p1)
 {
-    PGresult *r = NULL;
-    lc_err err = {0};
     const char *p[1] = {p1};
-    if (lc_db_exec_static(db, sql, 1, p, &r, &err) != LC_OK)
-        fail_msg("%s: %s", sql, lc_err_msg(&err));
-    long long v = atoll(PQgetvalue(r, 0, 0));
-    PQclear(r);
-    return v;
+    return value_ll(lc_db_exec_static, db, sql, 1, p);
 }
 
 static void test_exec_static(void **state)
