@@ -318,15 +318,22 @@ static lc_rc finish(lc_db *db, PGresult *r, PGresult **res, lc_err *err)
     return rc;
 }
 
-lc_rc lc_db_exec(lc_db *db, const char *sql, int nparams, const char *const *params, PGresult **res,
-                 lc_err *err)
+/* The start of every statement: no result yet, no SQLSTATE (it describes the latest statement:
+ * "" once one succeeds), and a session to run it on. */
+static lc_rc stmt_start(lc_db *db, PGresult **res, lc_err *err)
 {
     if (res)
         *res = NULL;
-    /* the SQLSTATE describes the latest statement: "" once one succeeds */
     db->sqlstate[0] = '\0';
-    if (PQstatus(db->conn) != CONNECTION_OK)
-        return fail(db, NULL, err);
+    return PQstatus(db->conn) == CONNECTION_OK ? LC_OK : fail(db, NULL, err);
+}
+
+lc_rc lc_db_exec(lc_db *db, const char *sql, int nparams, const char *const *params, PGresult **res,
+                 lc_err *err)
+{
+    lc_rc rc = stmt_start(db, res, err);
+    if (rc != LC_OK)
+        return rc;
     PGresult *r = PQexecParams(db->conn, sql, nparams, NULL, params, NULL, NULL, 0);
     return finish(db, r, res, err);
 }
@@ -334,11 +341,9 @@ lc_rc lc_db_exec(lc_db *db, const char *sql, int nparams, const char *const *par
 lc_rc lc_db_exec_static(lc_db *db, const char *sql, int nparams, const char *const *params,
                         PGresult **res, lc_err *err)
 {
-    if (res)
-        *res = NULL;
-    db->sqlstate[0] = '\0';
-    if (PQstatus(db->conn) != CONNECTION_OK)
-        return fail(db, NULL, err);
+    lc_rc rc = stmt_start(db, res, err);
+    if (rc != LC_OK)
+        return rc;
     int k = 0;
     while (k < db->nprepared && db->prepared[k] != sql)
         k++;
@@ -349,7 +354,7 @@ lc_rc lc_db_exec_static(lc_db *db, const char *sql, int nparams, const char *con
     if (k == db->nprepared) {
         /* Parse is not transactional: the statement stays prepared even if the transaction
          * it was prepared in rolls back */
-        lc_rc rc = finish(db, PQprepare(db->conn, name, sql, nparams, NULL), NULL, err);
+        rc = finish(db, PQprepare(db->conn, name, sql, nparams, NULL), NULL, err);
         if (rc != LC_OK)
             return rc;
         db->prepared[db->nprepared++] = sql;
