@@ -15,22 +15,32 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/mman.h>
 #include <sys/stat.h>
 #include <unistd.h>
 #include <curl/curl.h>
 #include "lc/log.h"
 #include "lc/util.h"
 
-#define MAX_CLIENTS  64
-#define MAX_HEADERS  8
-#define MAX_FILE     (256 * 1024 * 1024)
-#define MAX_MANIFEST (256 * 1024 * 1024)
-#define ERR_KEEP     2048
-#define BOUNDARY     "radpipe-bench-7d1f0c2e9a"
+#define MAX_CLIENTS   64
+#define MAX_HEADERS   8
+#define MAX_FILE      (256 * 1024 * 1024)
+#define MAX_MANIFEST  (256 * 1024 * 1024)
+#define ERR_KEEP      2048
+#define BOUNDARY      "radpipe-bench-7d1f0c2e9a"
+#define MAX_PARTS     1000
+#define UPLOAD_BUFFER (512 * 1024)
+
+/* A piece of a request body: a mapped file or a multipart delimiter. */
+typedef struct seg {
+    const char *p;
+    size_t len;
+} seg;
 
 typedef struct load {
     const char *url;
     char **files; /* borrowed from the manifest text */
+    seg *maps;    /* files[i] mapped */
     size_t nfiles;
     int per_request; /* 0: one raw file per request; K: STOW-RS with K parts */
     const char *headers[MAX_HEADERS];
@@ -51,7 +61,7 @@ typedef struct body {
 static int b_reserve(body *b, size_t n)
 {
     if (b->len + n > b->cap) {
-        size_t cap = b->cap ? b->cap : 1 << 20;
+        size_t cap = b->cap ? b->cap : 4096;
         while (cap < b->len + n)
             cap *= 2;
         char *np = realloc(b->p, cap);
@@ -73,40 +83,97 @@ static int b_add(body *b, const void *p, size_t n)
     return 0;
 }
 
-/* Read the file at path straight into b: the client's own copies compete for the CPU with
- * the server it measures, so it makes no copy of its own beyond this read. */
-static int b_add_file(body *b, const char *path)
+/* Map every file of the manifest before the first request. The client's own work competes
+ * for the CPU with the server it measures, so a request body is sent straight from the page
+ * cache: libcurl's copy into its upload buffer is the only one (no read() copy per file). */
+static int map_files(load *l)
 {
-    struct stat st;
-    int fd = open(path, O_RDONLY | O_CLOEXEC), rc = -1;
-    if (fd < 0 || fstat(fd, &st) != 0) {
-        fprintf(stderr, "post_load: could not read \"%s\": %s\n", path, strerror(errno));
-        goto out;
-    }
-    if (!S_ISREG(st.st_mode) || st.st_size > MAX_FILE) {
-        fprintf(stderr, "post_load: \"%s\" is not a file of at most 256 MiB\n", path);
-        goto out;
-    }
-    size_t left = (size_t)st.st_size;
-    if (b_reserve(b, left) != 0)
-        goto out;
-    while (left > 0) {
-        ssize_t n = read(fd, b->p + b->len, left);
-        if (n < 0 && errno == EINTR)
-            continue;
-        if (n <= 0) {
-            fprintf(stderr, "post_load: could not read \"%s\": %s\n", path,
-                    n < 0 ? strerror(errno) : "it shrank");
-            goto out;
+    if (!(l->maps = calloc(l->nfiles, sizeof(*l->maps))))
+        return -1;
+    for (size_t i = 0; i < l->nfiles; i++) {
+        struct stat st;
+        int fd = open(l->files[i], O_RDONLY | O_CLOEXEC);
+        if (fd < 0 || fstat(fd, &st) != 0) {
+            fprintf(stderr, "post_load: could not read \"%s\": %s\n", l->files[i], strerror(errno));
+            if (fd >= 0)
+                close(fd);
+            return -1;
         }
-        b->len += (size_t)n;
-        left -= (size_t)n;
-    }
-    rc = 0;
-out:
-    if (fd >= 0)
+        if (!S_ISREG(st.st_mode) || st.st_size > MAX_FILE) {
+            fprintf(stderr, "post_load: \"%s\" is not a file of at most 256 MiB\n", l->files[i]);
+            close(fd);
+            return -1;
+        }
+        l->maps[i].len = (size_t)st.st_size;
+        l->maps[i].p = "";
+        if (st.st_size > 0) {
+            void *m = mmap(NULL, (size_t)st.st_size, PROT_READ, MAP_PRIVATE, fd, 0);
+            if (m == MAP_FAILED) {
+                fprintf(stderr, "post_load: could not map \"%s\": %s\n", l->files[i],
+                        strerror(errno));
+                close(fd);
+                return -1;
+            }
+            (void)madvise(m, (size_t)st.st_size, MADV_SEQUENTIAL);
+            l->maps[i].p = m;
+        }
         close(fd);
-    return rc;
+    }
+    return 0;
+}
+
+static void unmap_files(load *l)
+{
+    for (size_t i = 0; l->maps && i < l->nfiles; i++)
+        if (l->maps[i].len > 0)
+            munmap((void *)l->maps[i].p, l->maps[i].len);
+    free(l->maps);
+}
+
+/* One request body as a list of pieces: multipart delimiters and mapped files. */
+#define MAX_PIECES (2 * MAX_PARTS + 1)
+typedef struct upload {
+    seg piece[MAX_PIECES];
+    int n;
+    size_t total; /* bytes in all pieces */
+    size_t at;    /* bytes handed to libcurl so far */
+} upload;
+
+static void up_add(upload *u, const char *p, size_t len)
+{
+    u->piece[u->n++] = (seg){p, len};
+    u->total += len;
+}
+
+/* CURLOPT_READFUNCTION: the next bytes of the body, from wherever u->at is. */
+static size_t up_read(char *buf, size_t size, size_t nitems, void *arg)
+{
+    upload *u = arg;
+    size_t room = size * nitems, done = 0, skip = u->at;
+    for (int i = 0; i < u->n && done < room; i++) {
+        if (skip >= u->piece[i].len) {
+            skip -= u->piece[i].len;
+            continue;
+        }
+        size_t m = u->piece[i].len - skip;
+        if (m > room - done)
+            m = room - done;
+        memcpy(buf + done, u->piece[i].p + skip, m);
+        done += m;
+        skip = 0;
+    }
+    u->at += done;
+    return done;
+}
+
+/* CURLOPT_SEEKFUNCTION: libcurl rewinds when it must send the body again. */
+static int up_seek(void *arg, curl_off_t offset, int origin)
+{
+    upload *u = arg;
+    if (origin != SEEK_SET || offset < 0 || (size_t)offset > u->total)
+        return CURL_SEEKFUNC_CANTSEEK;
+    u->at = (size_t)offset;
+    return CURL_SEEKFUNC_OK;
 }
 
 /* The response body, kept up to ERR_KEEP bytes for the error report. */
@@ -134,10 +201,15 @@ static void *client(void *arg)
     load *l = arg;
     CURL *h = curl_easy_init();
     struct curl_slist *hl = NULL;
-    body req = {0}, resp = {0};
+    body resp = {0};
+    upload *up = calloc(1, sizeof(*up));
     const size_t step = l->per_request ? (size_t)l->per_request : 1;
-    if (!h)
+    if (!h || !up) {
+        if (h)
+            curl_easy_cleanup(h);
+        free(up);
         return NULL;
+    }
     hl = curl_slist_append(hl, "Expect:");
     hl = curl_slist_append(hl, l->per_request ? "Content-Type: multipart/related; "
                                                 "type=\"application/dicom\"; boundary=" BOUNDARY
@@ -153,6 +225,12 @@ static void *client(void *arg)
     curl_easy_setopt(h, CURLOPT_TCP_NODELAY, 1L);
     curl_easy_setopt(h, CURLOPT_NOSIGNAL, 1L);
     curl_easy_setopt(h, CURLOPT_TIMEOUT, 300L);
+    curl_easy_setopt(h, CURLOPT_POST, 1L);
+    curl_easy_setopt(h, CURLOPT_READFUNCTION, up_read);
+    curl_easy_setopt(h, CURLOPT_READDATA, up);
+    curl_easy_setopt(h, CURLOPT_SEEKFUNCTION, up_seek);
+    curl_easy_setopt(h, CURLOPT_SEEKDATA, up);
+    curl_easy_setopt(h, CURLOPT_UPLOAD_BUFFERSIZE, (long)UPLOAD_BUFFER);
     if (l->userpwd)
         curl_easy_setopt(h, CURLOPT_USERPWD, l->userpwd);
     for (;;) {
@@ -160,25 +238,22 @@ static void *client(void *arg)
         if (first >= l->nfiles)
             break;
         size_t last = first + step < l->nfiles ? first + step : l->nfiles;
-        int ok = 1;
-        req.len = 0;
+        static const char part[] = "--" BOUNDARY "\r\nContent-Type: application/dicom\r\n\r\n";
+        static const char crlf_part[] =
+            "\r\n--" BOUNDARY "\r\nContent-Type: application/dicom\r\n\r\n";
+        static const char close_delim[] = "\r\n--" BOUNDARY "--\r\n";
+        up->n = 0;
+        up->total = up->at = 0;
         resp.len = 0;
-        for (size_t i = first; ok && i < last; i++) {
-            static const char part[] = "--" BOUNDARY "\r\nContent-Type: application/dicom\r\n\r\n";
+        for (size_t i = first; i < last; i++) {
             if (l->per_request)
-                ok = b_add(&req, part, sizeof(part) - 1) == 0;
-            ok = ok && b_add_file(&req, l->files[i]) == 0;
-            if (l->per_request)
-                ok = ok && b_add(&req, "\r\n", 2) == 0;
+                i == first ? up_add(up, part, sizeof(part) - 1)
+                           : up_add(up, crlf_part, sizeof(crlf_part) - 1);
+            up_add(up, l->maps[i].p, l->maps[i].len);
         }
-        if (ok && l->per_request)
-            ok = b_add(&req, "--" BOUNDARY "--\r\n", sizeof(BOUNDARY) + 5) == 0;
-        if (!ok) {
-            note_failure(l, l->files[first], 0, &resp);
-            continue;
-        }
-        curl_easy_setopt(h, CURLOPT_POSTFIELDS, req.p);
-        curl_easy_setopt(h, CURLOPT_POSTFIELDSIZE_LARGE, (curl_off_t)req.len);
+        if (l->per_request)
+            up_add(up, close_delim, sizeof(close_delim) - 1);
+        curl_easy_setopt(h, CURLOPT_POSTFIELDSIZE_LARGE, (curl_off_t)up->total);
         CURLcode cc = curl_easy_perform(h);
         long status = 0;
         curl_easy_getinfo(h, CURLINFO_RESPONSE_CODE, &status);
@@ -194,7 +269,7 @@ static void *client(void *arg)
     }
     curl_slist_free_all(hl);
     curl_easy_cleanup(h);
-    free(req.p);
+    free(up);
     free(resp.p);
     return NULL;
 }
@@ -234,7 +309,8 @@ int main(int argc, char **argv)
             return 2;
         }
     }
-    if (argc - optind != 2 || clients < 1 || clients > MAX_CLIENTS || l.per_request < 0) {
+    if (argc - optind != 2 || clients < 1 || clients > MAX_CLIENTS || l.per_request < 0 ||
+        l.per_request > MAX_PARTS) {
         fprintf(stderr, "usage: post_load [-c CLIENTS] [-H HEADER]... [-u USER:PASS] "
                         "[--stow PARTS] URL MANIFEST\n");
         return 2;
@@ -259,6 +335,8 @@ int main(int argc, char **argv)
         fprintf(stderr, "post_load: no files in \"%s\"\n", argv[optind + 1]);
         goto out;
     }
+    if (map_files(&l) != 0)
+        goto out;
     pthread_mutex_init(&l.mu, NULL);
     curl_global_init(CURL_GLOBAL_DEFAULT);
     const int64_t t0 = lc_now_ms();
@@ -276,6 +354,7 @@ int main(int argc, char **argv)
         fprintf(stderr, "post_load: first failure: %s\n", l.first_error);
     code = started == clients && atomic_load(&l.failed) == 0 ? 0 : 1;
 out:
+    unmap_files(&l);
     free(l.files);
     free(text);
     return code;
