@@ -7,8 +7,8 @@
 # for both). A private PostgreSQL comes from `radpipe-stack --no-services`. Each tool runs
 # BENCH_UPLOAD_ROUNDS (2) times per data set in alternating order to fresh prefixes; the best
 # round counts. Both are timed the same way: the wall time of the whole command. The folder
-# (s3rver's data too) is under $TMPDIR, else /var/tmp: creating files under /tmp is slow on
-# these machines (tests/bench/README.md, "File creation").
+# (s3rver's data too) comes from lib.sh's bench_mkwork: under $TMPDIR, else /var/tmp, in a
+# block group of its own (tests/bench/README.md, "File creation").
 # Knobs: BENCH_UPLOAD_INSTANCES (2000), BENCH_UPLOAD_BIG_MIB (1024), BENCH_UPLOAD_ROUNDS (2).
 set -eu
 build=$1
@@ -29,9 +29,9 @@ for tool in node aws "$build/bench/bench_upload" "$build/bin/radpipe-stack"; do
 	fi
 done
 
-# PostgreSQL (run as the postgres user under root) must be able to search the directory
-work=$(mktemp -d "${TMPDIR:-/var/tmp}/radpipe-bench-upload.XXXXXX")
-chmod 755 "$work"
+# shellcheck source=tests/bench/lib.sh
+. tests/bench/lib.sh
+work=$(bench_mkwork) || { echo "   FAILED: could not make a work folder" >&2; exit 1; }
 stack_pid=""
 s3_pid=""
 cleanup() {

@@ -15,11 +15,22 @@ bench_die() {
 	exit 1
 }
 
-# The work folder: our own, searchable by the postgres user the stack runs PostgreSQL as when
-# we are root (run.sh's mktemp folder is 0700).
+# bench_mkwork: prints a new folder of this run's own, searchable by the postgres user the
+# stack runs PostgreSQL as when we are root (run.sh's mktemp folder is 0700). It is made in
+# ${TMPDIR:-/var/tmp}/radpipe-bench, which is marked as a top of directory hierarchies (chattr
+# +T, where the file system has the flag): ext4 then places each run's folder in a block group
+# picked afresh instead of next to the folders of earlier runs, whose files were just deleted
+# (tests/bench/README.md, "File creation").
+bench_mkwork() {
+	_base=${TMPDIR:-/var/tmp}/radpipe-bench
+	mkdir -p "$_base" && chmod 755 "$_base" || return 1
+	chattr +T "$_base" 2>/dev/null || true
+	_dir=$(mktemp -d "$_base/run.XXXXXX") && chmod 755 "$_dir" && echo "$_dir"
+}
+
+# The work folder (bench_mkwork), removed by bench_trap's cleanup.
 bench_workdir() {
-	BENCH_WORK=$(mktemp -d "${TMPDIR:-/var/tmp}/radpipe-bench.XXXXXX") || bench_die "mktemp"
-	chmod 755 "$BENCH_WORK"
+	BENCH_WORK=$(bench_mkwork) || bench_die "could not make a work folder under ${TMPDIR:-/var/tmp}"
 }
 
 # bench_ports N: N distinct free TCP ports on 127.0.0.1; the first is followed by three more
