@@ -3,8 +3,8 @@
  * by the parse pool (so PostgreSQL works while the pool parses the next chunk): one COPY into
  * a session-local staging table (idx_stage), a handful of multi-row statements that upsert
  * patients, studies, series and instances from it, and one COPY of the new instances' DICOM
- * JSON straight into instance_metadata (LZ4-compressed where the server can); then one
- * statement recounts the studies that changed. All inside the caller's transaction, so the
+ * JSON straight into instance_metadata (LZ4-compressed where the server can: migration 006); then
+ * one statement recounts the studies that changed. All inside the caller's transaction, so the
  * batch is indexed entirely or not at all. Functions take the consuming thread's connection;
  * nothing here keeps state.
  *
@@ -50,13 +50,6 @@ static const char unstage_sql[] = "DELETE FROM idx_stage";
 /* The DICOM JSON goes straight into instance_metadata, parsed and compressed once: staging
  * it would compress, decompress and parse the ~10 KB documents a second time. */
 static const char copy_md_sql[] = "COPY instance_metadata (sop_uid, json) FROM STDIN";
-
-/* TOAST compression of this transaction's writes: LZ4 where the server has it (PostgreSQL
- * 14+ built with lz4), several times cheaper than the default pglz on the DICOM JSON, which
- * is most of the bytes a batch writes. Readers decompress either transparently. */
-static const char lz4_sql[] =
-    "SELECT set_config('default_toast_compression', 'lz4', true) FROM pg_settings"
-    " WHERE name = 'default_toast_compression' AND 'lz4' = ANY (enumvals)";
 
 /* Descriptive values: the latest instance that has one wins (a NULL never overwrites); a row
  * is only rewritten when a value really changes, so re-sent instances leave it untouched. */
@@ -730,7 +723,6 @@ lc_rc idx_db_write(lc_db *db, void *ctx, lc_err *err)
     for (size_t i = 0; i < n; i++)
         items[i].result = IDX_R_DUPLICATE; /* skipped, superseded or claimed elsewhere */
     if ((rc = claim_events(db, items, n, claimed, err)) != LC_OK ||
-        (rc = lc_db_exec(db, lz4_sql, 0, NULL, NULL, err)) != LC_OK ||
         (rc = lc_db_exec(db, stage_sql, 0, NULL, NULL, err)) != LC_OK)
         goto out;
     /* chunk by chunk as the pool loads them: this chunk's rows go to PostgreSQL while the
