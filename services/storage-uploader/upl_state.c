@@ -1,6 +1,6 @@
 /*
  * upl_state.c: the resume state of multipart uploads in PostgreSQL (upload_multipart,
- * upload_parts: proto/sql/005_upload_resume.sql). Every statement stands alone (autocommit):
+ * upload_parts: proto/sql/004_upload_resume.sql). Every statement stands alone (autocommit):
  * a part is recorded as soon as the store acknowledged it. Runs on the job's connection, so
  * on the worker thread only.
  */
