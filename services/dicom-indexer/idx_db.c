@@ -762,7 +762,8 @@ lc_rc idx_db_write(lc_db *db, void *ctx, lc_err *err)
         goto out;
     }
     const char *p[1] = {touched_s};
-    rc = lc_db_exec(db, recount_sql, 1, p, NULL, err);
+    /* prepared once per session: its plan does not depend on the staging table */
+    rc = lc_db_exec_static(db, recount_sql, 1, p, NULL, err);
 out:
     cJSON_Delete(touched);
     free(touched_s);
