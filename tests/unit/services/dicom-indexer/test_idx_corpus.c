@@ -622,14 +622,15 @@ static void test_corpus(void **state)
     assert_int_equal(count(f, "SELECT count(*) FROM instances i LEFT JOIN instance_metadata m"
                               " USING (sop_uid) WHERE m.sop_uid IS NULL"),
                      0);
-    /* the DICOM JSON is LZ4-compressed where the server has LZ4 (migration 006), never pglz */
-    assert_int_equal(count(f, "SELECT count(*) FROM instance_metadata"
-                              " WHERE pg_column_compression(json) = 'pglz'"),
-                     0);
+    /* where the server has LZ4, the DICOM JSON is LZ4-compressed (migration 006), never pglz */
     if (count(f, "SELECT count(*) FROM pg_settings WHERE name = 'default_toast_compression'"
-                 " AND 'lz4' = ANY (enumvals)") == 1)
+                 " AND 'lz4' = ANY (enumvals)") == 1) {
+        assert_int_equal(count(f, "SELECT count(*) FROM instance_metadata"
+                                  " WHERE pg_column_compression(json) = 'pglz'"),
+                         0);
         assert_true(count(f, "SELECT count(*) FROM instance_metadata"
                              " WHERE pg_column_compression(json) = 'lz4'") > 0);
+    }
 
     /* counts are exact (recomputed), and sending every file again changes none of them */
     const char *counts_sql =
