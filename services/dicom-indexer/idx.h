@@ -83,11 +83,15 @@ int idx_source_trusted(const idx_cfg *cfg, const char *source);
  * quarantined; LC_OK once the whole batch is committed in one transaction; an error (store or
  * database unreachable) leaves nothing behind, so the batch can be redelivered. */
 lc_rc idx_handle_batch(void *ctx, const lc_kafka_msg *msgs, size_t n, lc_err *err);
+/* idx_handle_batch that also records, in the same transaction, which source sent each study:
+ * sources is a JSON array of {ord, study_uid, kind, name} (NULL for none). */
+lc_rc idx_handle_batch_sources(idx_ctx *x, const lc_kafka_msg *msgs, size_t n, const char *sources,
+                               lc_err *err);
 
 /* The lc_kafka_batch_fn of the indexer's consumer (ctx: idx_ctx), subscribed to
- * instance.stored and study.close: instance.stored messages go to idx_handle_batch, then one
- * transaction records the studies' sources (instance.stored data.source) and applies the
- * study.close events (idx_close.c). */
+ * instance.stored and study.close: instance.stored messages go to idx_handle_batch_sources,
+ * whose transaction also records the studies' sources (instance.stored data.source), then
+ * one transaction applies the study.close events (idx_close.c). */
 lc_rc idx_route_batch(void *ctx, const lc_kafka_msg *msgs, size_t n, lc_err *err);
 
 /* The consumer's tick (ctx: idx_ctx): a pending SIGHUP reload of the rules, then study
@@ -140,8 +144,9 @@ typedef struct idx_write {
     idx_ctx *x;
     idx_item *items;
     size_t n;
-    int64_t loaded_ms; /* out: lc_now_ms() when every object of the batch was loaded */
-    lc_rc load_rc;     /* out: a transient failure of the load step (the batch is redelivered) */
+    const char *sources; /* JSON rows for the studies' sources, NULL when none */
+    int64_t loaded_ms;   /* out: lc_now_ms() when every object of the batch was loaded */
+    lc_rc load_rc;       /* out: a transient failure of the load step (the batch is redelivered) */
     char load_err[256];
 } idx_write;
 
@@ -149,7 +154,8 @@ typedef struct idx_write {
 lc_rc idx_db_mark_processed(lc_db *db, idx_item *items, size_t n, lc_err *err);
 /* The lc_db_tx_fn writing a batch (ctx: idx_write): processed_events, then patients,
  * studies, series, instances and their DICOM JSON chunk by chunk as the objects are loaded,
- * then quarantine and DLQ rows and the counts of the studies that changed. Sets each item's
+ * then quarantine and DLQ rows, the counts of the studies that changed and the studies'
+ * sources (w->sources). Sets each item's
  * result; safe to run again after a rollback. A transient load failure ends it with
  * LC_ERR_CANCELLED and w->load_rc set. */
 lc_rc idx_db_write(lc_db *db, void *ctx, lc_err *err);

@@ -1,7 +1,7 @@
 /*
  * idx_close.c: the indexer consumer's batch router. instance.stored messages go to the ingest
- * handler (idx_ingest.c, its own transaction); then one transaction records each study's
- * source (instance.stored data.source, the first one seen wins) and applies study.close
+ * handler (idx_ingest.c), whose transaction also records each study's source (instance.stored
+ * data.source, the first one seen wins); then one transaction applies the batch's study.close
  * events: a dirty or not yet indexed study gets a pending close that the next completion pass
  * honours at once; a complete study with nothing new is left alone. Both steps are idempotent
  * (processed_events, upserts), so a failed second step redelivers the batch safely.
@@ -16,15 +16,6 @@
 #include "lc/util.h"
 
 #define TX_ATTEMPTS 3
-
-static const char sources_sql[] =
-    "INSERT INTO study_completion AS c (study_uid, source_kind, source_name)"
-    " SELECT DISTINCT ON (r.study_uid) r.study_uid, r.kind, r.name"
-    " FROM jsonb_to_recordset($1::jsonb) AS r(ord int, study_uid text, kind text, name text)"
-    " ORDER BY r.study_uid, r.ord"
-    " ON CONFLICT (study_uid) DO UPDATE SET source_kind = EXCLUDED.source_kind,"
-    " source_name = EXCLUDED.source_name, updated_at = now()"
-    " WHERE c.source_kind IS NULL AND c.source_name IS NULL";
 
 static const char claim_sql[] = "INSERT INTO processed_events (consumer, event_id)"
                                 " VALUES ($1, $2) ON CONFLICT DO NOTHING RETURNING event_id";
@@ -53,7 +44,6 @@ typedef struct close_item {
 
 typedef struct side_tx {
     idx_ctx *x;
-    char *sources; /* JSON rows for sources_sql, NULL when none */
     close_item *closes;
     size_t nclose;
 } side_tx;
@@ -150,11 +140,6 @@ static lc_rc side_fn(lc_db *db, void *ctx, lc_err *err)
 {
     side_tx *t = ctx;
     lc_rc rc = LC_OK;
-    if (t->sources) {
-        const char *p[1] = {t->sources};
-        if ((rc = lc_db_exec(db, sources_sql, 1, p, NULL, err)) != LC_OK)
-            return rc;
-    }
     for (size_t i = 0; i < t->nclose && rc == LC_OK; i++) {
         close_item *c = &t->closes[i];
         PGresult *res = NULL;
@@ -187,6 +172,7 @@ lc_rc idx_route_batch(void *ctx, const lc_kafka_msg *msgs, size_t n, lc_err *err
     char close_topic[300];
     lc_rc rc = LC_OK;
     side_tx t = {.x = x};
+    char *sources = NULL; /* JSON rows: the studies' sources */
     lc_kafka_msg *stored = calloc(n ? n : 1, sizeof(*stored));
     cJSON *rows = cJSON_CreateArray();
     size_t ns = 0;
@@ -207,16 +193,16 @@ lc_rc idx_route_batch(void *ctx, const lc_kafka_msg *msgs, size_t n, lc_err *err
         if (row && !cJSON_AddItemToArray(rows, row))
             cJSON_Delete(row);
     }
-    if (ns > 0 && (rc = idx_handle_batch(x, stored, ns, err)) != LC_OK)
-        goto out;
-    if (cJSON_GetArraySize(rows) > 0 && !(t.sources = cJSON_PrintUnformatted(rows))) {
+    if (cJSON_GetArraySize(rows) > 0 && !(sources = cJSON_PrintUnformatted(rows))) {
         rc = lc_err_set(err, LC_ERR_NOMEM, "out of memory");
         goto out;
     }
-    if (!t.sources && t.nclose == 0)
+    if (ns > 0 && (rc = idx_handle_batch_sources(x, stored, ns, sources, err)) != LC_OK)
+        goto out;
+    if (t.nclose == 0)
         goto out;
     if ((rc = lc_db_tx(x->db, TX_ATTEMPTS, side_fn, &t, err)) != LC_OK) {
-        lc_err_wrap(err, "could not record sources and study.close events");
+        lc_err_wrap(err, "could not apply study.close events");
         goto out;
     }
     for (size_t i = 0; i < t.nclose; i++) {
@@ -239,7 +225,7 @@ out:
     for (size_t i = 0; t.closes && i < t.nclose; i++)
         lc_event_free(t.closes[i].ev);
     free(t.closes);
-    free(t.sources);
+    free(sources);
     cJSON_Delete(rows);
     free(stored);
     return rc;

@@ -4,9 +4,9 @@
  * a session-local staging table (idx_stage), a handful of multi-row statements that upsert
  * patients, studies, series and instances from it, and one COPY of the new instances' DICOM
  * JSON straight into instance_metadata (LZ4-compressed where the server can: migration 006); then
- * one statement recounts the studies that changed. All inside the caller's transaction, so the
- * batch is indexed entirely or not at all. Functions take the consuming thread's connection;
- * nothing here keeps state.
+ * one statement recounts the studies that changed and one records their sources. All inside
+ * the caller's transaction (the batch's only commit), so the batch is indexed entirely or not
+ * at all. Functions take the consuming thread's connection; nothing here keeps state.
  *
  * Name normalisation (the *_norm columns, proto/sql/002_qido.sql): PostgreSQL's upper() of the
  * value as stored (the whole PN value, every component group), computed in the upsert itself,
@@ -211,6 +211,17 @@ static const char recount_sql[] =
     "       FROM instances i JOIN t ON t.study_uid = i.study_uid"
     "       JOIN series se ON se.series_uid = i.series_uid GROUP BY i.study_uid) c"
     " WHERE st.study_uid = c.study_uid";
+
+/* Which source (instance.stored data.source) sent each study, for routing rules: the first
+ * one recorded stays. jsonb_to_recordset's rows do not change the plan: prepared once. */
+static const char sources_sql[] =
+    "INSERT INTO study_completion AS c (study_uid, source_kind, source_name)"
+    " SELECT DISTINCT ON (r.study_uid) r.study_uid, r.kind, r.name"
+    " FROM jsonb_to_recordset($1::jsonb) AS r(ord int, study_uid text, kind text, name text)"
+    " ORDER BY r.study_uid, r.ord"
+    " ON CONFLICT (study_uid) DO UPDATE SET source_kind = EXCLUDED.source_kind,"
+    " source_name = EXCLUDED.source_name, updated_at = now()"
+    " WHERE c.source_kind IS NULL AND c.source_name IS NULL";
 
 static const char seen_sql[] = "SELECT event_id FROM processed_events WHERE consumer = $1"
                                " AND event_id IN (SELECT jsonb_array_elements_text($2::jsonb))";
@@ -610,9 +621,10 @@ static lc_rc write_instances(lc_db *db, idx_item **w, size_t m, cJSON *touched, 
         goto nomem;
     if ((rc = lc_db_exec(db, unstage_sql, 0, NULL, NULL, err)) != LC_OK ||
         (rc = copy_rows(db, copy_sql, &b, err)) != LC_OK ||
-        (rc = lc_db_exec(db, upsert_patients_sql, 0, NULL, NULL, err)) != LC_OK ||
-        (rc = lc_db_exec(db, upsert_studies_sql, 0, NULL, NULL, err)) != LC_OK ||
-        (rc = lc_db_exec(db, upsert_series_sql, 0, NULL, NULL, err)) != LC_OK ||
+        /* prepared once per session: staging table scan, sort, insert whatever its size */
+        (rc = lc_db_exec_static(db, upsert_patients_sql, 0, NULL, NULL, err)) != LC_OK ||
+        (rc = lc_db_exec_static(db, upsert_studies_sql, 0, NULL, NULL, err)) != LC_OK ||
+        (rc = lc_db_exec_static(db, upsert_series_sql, 0, NULL, NULL, err)) != LC_OK ||
         (rc = lc_db_exec(db, upsert_instances_sql, 0, NULL, &res, err)) != LC_OK)
         goto out;
 
@@ -755,15 +767,20 @@ lc_rc idx_db_write(lc_db *db, void *ctx, lc_err *err)
     }
     if (m > 0 && (rc = write_instances(db, w, m, touched, err)) != LC_OK)
         goto out;
-    if (cJSON_GetArraySize(touched) == 0)
-        goto out;
-    if (!(touched_s = cJSON_PrintUnformatted(touched))) {
-        rc = lc_err_set(err, LC_ERR_NOMEM, "out of memory");
-        goto out;
+    if (cJSON_GetArraySize(touched) > 0) {
+        if (!(touched_s = cJSON_PrintUnformatted(touched))) {
+            rc = lc_err_set(err, LC_ERR_NOMEM, "out of memory");
+            goto out;
+        }
+        const char *p[1] = {touched_s};
+        /* prepared once per session: its plan does not depend on the staging table */
+        if ((rc = lc_db_exec_static(db, recount_sql, 1, p, NULL, err)) != LC_OK)
+            goto out;
     }
-    const char *p[1] = {touched_s};
-    /* prepared once per session: its plan does not depend on the staging table */
-    rc = lc_db_exec_static(db, recount_sql, 1, p, NULL, err);
+    if (wr->sources) {
+        const char *p[1] = {wr->sources};
+        rc = lc_db_exec_static(db, sources_sql, 1, p, NULL, err);
+    }
 out:
     cJSON_Delete(touched);
     free(touched_s);

@@ -679,7 +679,12 @@ static void observe(idx_ctx *x, const idx_item *items, size_t n, int64_t t0, int
 
 lc_rc idx_handle_batch(void *ctx, const lc_kafka_msg *msgs, size_t n, lc_err *err)
 {
-    idx_ctx *x = ctx;
+    return idx_handle_batch_sources(ctx, msgs, n, NULL, err);
+}
+
+lc_rc idx_handle_batch_sources(idx_ctx *x, const lc_kafka_msg *msgs, size_t n, const char *sources,
+                               lc_err *err)
+{
     int64_t t0 = lc_now_ms(), t_load = 0, t_write = 0;
     lc_rc rc;
     idx_item *items = calloc(n ? n : 1, sizeof(*items));
@@ -704,7 +709,7 @@ lc_rc idx_handle_batch(void *ctx, const lc_kafka_msg *msgs, size_t n, lc_err *er
      * already loaded (idx_db_write waits for each chunk) */
     t_load = lc_now_ms();
     load_ctx lc = {x, items};
-    idx_write w = {x, items, n, 0, LC_OK, ""};
+    idx_write w = {x, items, n, sources, 0, LC_OK, ""};
     idx_pool_start(x->pool, n, load_one, &lc);
     rc = lc_db_tx(x->db, TX_ATTEMPTS, idx_db_write, &w, err);
     idx_pool_finish(x->pool);

@@ -355,6 +355,13 @@ static void test_amended_version_routes_new_series_only(void **state)
     set_rules(f, amend_rules);
     add_series(f, S1, S1A, "T1 AX", 2, NULL, "notify", "SCANNER1");
     route(f);
+    /* the study's source is written by the batch's own transaction (one commit per batch):
+     * its row and the 2 instance rows, all from one transaction id */
+    assert_q(f,
+             "SELECT count(*) || ' rows, ' || count(DISTINCT x) || ' tx' FROM (SELECT xmin::text"
+             " AS x FROM instances WHERE study_uid = $1 UNION ALL SELECT xmin::text FROM"
+             " study_completion WHERE study_uid = $1 AND source_kind = 'notify') t",
+             S1, "3 rows, 1 tx");
     assert_int_equal(complete(f), 1);
 
     lc_event *ev = completed_event(f, S1, 0);
