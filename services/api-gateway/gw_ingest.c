@@ -5,9 +5,10 @@
  * outbox transaction; the dicom-indexer does the indexing. Storing again under the same SOP
  * Instance UID replaces the object, so a client may retry any failure. Durability overlaps
  * the upload: each spool file's fsync is queued (POSIX AIO, on glibc's threads) as soon as the
- * file is complete and runs while the rest of the body arrives; at commit the files are
- * renamed into place once their fsyncs are done, and each directory (one per series) is
- * fsync'd once, after its last rename, all before the outbox commit.
+ * file is complete and runs while the rest of the body arrives; at commit the events are
+ * inserted into the outbox first (their round trips overlap the last fsyncs), then, in the
+ * same open transaction, the files are renamed into place once their fsyncs are done and each
+ * directory (one per series) is fsync'd once, after its last rename, all before the commit.
  * Per-request state only (glibc's AIO threads only run the queued fsyncs).
  */
 #include <aio.h>
@@ -162,19 +163,6 @@ static lc_rc stored_event(gw_req *r, const gw_ingest_item *it, const char *kind,
     return lc_event_instance_stored(r->g->deps.source, &s, out, err);
 }
 
-/* The request's instance.stored events, written to the outbox in one statement. */
-typedef struct outbox_ctx {
-    const char *prefix;
-    lc_event *const *evs;
-    size_t n;
-} outbox_ctx;
-
-static lc_rc outbox_tx(lc_db *db, void *arg, lc_err *err)
-{
-    const outbox_ctx *c = arg;
-    return lc_outbox_add_events(db, c->prefix, LC_TOPIC_INSTANCE_STORED, c->evs, c->n, err);
-}
-
 /* Make the spool files of the accepted items durable: wait for the fsyncs queued while they
  * were received, and queue (in parallel) those of files spooled another way (one upload).
  * Concurrent fsyncs share the disk's cache flushes, so many files wait about as long as one.
@@ -246,6 +234,50 @@ static lc_rc put_flags(const gw_ingest_item *items, size_t n, unsigned *flags, l
     return LC_OK;
 }
 
+/* The request's instance.stored events and the file work they announce: one transaction. */
+typedef struct commit_ctx {
+    gw_req *r;
+    gw_ingest_item *items;
+    size_t n;
+    const unsigned *flags;
+    lc_event *const *evs;
+    size_t nev;
+    int files_tried; /* place_files ran (a retried transaction must not run it again) */
+} commit_ctx;
+
+/* The accepted items' spool files made durable, then moved into the store under their keys. */
+static lc_rc place_files(commit_ctx *c, lc_err *err)
+{
+    lc_rc rc = sync_spool(c->items, c->n, err);
+    for (size_t i = 0; rc == LC_OK && i < c->n; i++) {
+        gw_ingest_item *it = &c->items[i];
+        if (it->failure || !it->h)
+            continue;
+        if ((rc = lc_store_put_file(c->r->g->deps.store, it->key, it->path, c->flags[i], err)) ==
+            LC_OK)
+            it->path[0] = '\0'; /* moved */
+    }
+    return rc;
+}
+
+/* The events go into the outbox first and the files are made durable and moved while the
+ * transaction is open, before its commit: the insert's round trips overlap the fsyncs queued
+ * as the parts arrived, and nothing is visible to the relay before the commit. */
+static lc_rc commit_tx(lc_db *db, void *arg, lc_err *err)
+{
+    commit_ctx *c = arg;
+    lc_rc rc = lc_outbox_add_events(db, c->r->g->deps.topic_prefix, LC_TOPIC_INSTANCE_STORED,
+                                    c->evs, c->nev, err);
+    if (rc != LC_OK)
+        return rc;
+    if (c->files_tried) /* a retry after the files moved: they are in place, or it failed */
+        return LC_OK;
+    c->files_tried = 1;
+    rc = place_files(c, err);
+    /* never retried: a store or spool failure is not the transaction's */
+    return rc == LC_ERR_UNAVAILABLE || rc == LC_ERR_CONFLICT ? LC_ERR_IO : rc;
+}
+
 lc_rc gw_ingest_commit(gw_req *r, gw_ingest_item *items, size_t n, const char *kind, lc_err *err)
 {
     char received_at[32];
@@ -259,8 +291,7 @@ lc_rc gw_ingest_commit(gw_req *r, gw_ingest_item *items, size_t n, const char *k
         rc = lc_err_set(err, LC_ERR_NOMEM, "out of memory");
         goto out;
     }
-    if ((rc = put_flags(items, n, flags, err)) != LC_OK ||
-        (rc = sync_spool(items, n, err)) != LC_OK)
+    if ((rc = put_flags(items, n, flags, err)) != LC_OK)
         goto out;
     lc_time_rfc3339(lc_wall_ms(), received_at);
     for (size_t i = 0; i < n; i++) {
@@ -270,17 +301,14 @@ lc_rc gw_ingest_commit(gw_req *r, gw_ingest_item *items, size_t n, const char *k
         const lc_dicom_header *h = it->h;
         snprintf(it->key, sizeof(it->key), "instances/%s/%s/%s.dcm", h->study_instance_uid,
                  h->series_instance_uid, h->sop_instance_uid);
-        if ((rc = lc_store_put_file(r->g->deps.store, it->key, it->path, flags[i], err)) != LC_OK)
-            goto out;
-        it->path[0] = '\0'; /* moved */
         if ((rc = stored_event(r, it, kind, received_at, &evs[nev], err)) != LC_OK)
             goto out;
         nev++;
     }
     if (nev == 0)
         goto out;
-    outbox_ctx oc = {r->g->deps.topic_prefix, evs, nev};
-    if ((rc = gw_db(r, &db, err)) != LC_OK || (rc = lc_db_tx(db, 3, outbox_tx, &oc, err)) != LC_OK)
+    commit_ctx cc = {r, items, n, flags, evs, nev, 0};
+    if ((rc = gw_db(r, &db, err)) != LC_OK || (rc = lc_db_tx(db, 3, commit_tx, &cc, err)) != LC_OK)
         goto out;
     lc_log_debug("instances stored", LC_LI("instances", nev), LC_LS("token", r->token_name));
 out:
