@@ -270,11 +270,11 @@ static lc_rc commit_tx(lc_db *db, void *arg, lc_err *err)
                                     c->evs, c->nev, err);
     if (rc != LC_OK)
         return rc;
-    if (c->files_tried) /* a retry after the files moved: they are in place, or it failed */
+    if (c->files_tried) /* lc_db_tx retries only after they moved (commit lost): in place */
         return LC_OK;
     c->files_tried = 1;
     rc = place_files(c, err);
-    /* never retried: a store or spool failure is not the transaction's */
+    /* a store or spool failure is not the transaction's: never retried */
     return rc == LC_ERR_UNAVAILABLE || rc == LC_ERR_CONFLICT ? LC_ERR_IO : rc;
 }
 

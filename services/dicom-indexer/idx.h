@@ -79,18 +79,17 @@ void idx_release(idx_ctx *x);
  * the object hashed again (RADPIPE_INDEX_VERIFY_SHA256, RADPIPE_INDEX_TRUSTED_SOURCES). */
 int idx_source_trusted(const idx_cfg *cfg, const char *source);
 
-/* The lc_kafka_batch_fn of the instance.stored consumer (ctx: idx_ctx). Poison messages are
- * quarantined; LC_OK once the whole batch is committed in one transaction; an error (store or
- * database unreachable) leaves nothing behind, so the batch can be redelivered. */
-lc_rc idx_handle_batch(void *ctx, const lc_kafka_msg *msgs, size_t n, lc_err *err);
-/* idx_handle_batch that also records, in the same transaction, which source sent each study:
- * sources is a JSON array of {ord, study_uid, kind, name} (NULL for none). */
-lc_rc idx_handle_batch_sources(idx_ctx *x, const lc_kafka_msg *msgs, size_t n, const char *sources,
-                               lc_err *err);
+/* The instance.stored batch handler (idx_route_batch calls it). Poison messages are
+ * quarantined; LC_OK once the whole batch is committed in one transaction, which also records
+ * which source sent each study (sources: a JSON array of {ord, study_uid, kind, name}, NULL
+ * for none); an error (store or database unreachable) leaves nothing behind, so the batch can
+ * be redelivered. */
+lc_rc idx_handle_batch(idx_ctx *x, const lc_kafka_msg *msgs, size_t n, const char *sources,
+                       lc_err *err);
 
 /* The lc_kafka_batch_fn of the indexer's consumer (ctx: idx_ctx), subscribed to
- * instance.stored and study.close: instance.stored messages go to idx_handle_batch_sources,
- * whose transaction also records the studies' sources (instance.stored data.source), then
+ * instance.stored and study.close: instance.stored messages go to idx_handle_batch, whose
+ * transaction also records the studies' sources (instance.stored data.source), then
  * one transaction applies the study.close events (idx_close.c). */
 lc_rc idx_route_batch(void *ctx, const lc_kafka_msg *msgs, size_t n, lc_err *err);
 
@@ -155,9 +154,8 @@ lc_rc idx_db_mark_processed(lc_db *db, idx_item *items, size_t n, lc_err *err);
 /* The lc_db_tx_fn writing a batch (ctx: idx_write): processed_events, then patients,
  * studies, series, instances and their DICOM JSON chunk by chunk as the objects are loaded,
  * then quarantine and DLQ rows, the counts of the studies that changed and the studies'
- * sources (w->sources). Sets each item's
- * result; safe to run again after a rollback. A transient load failure ends it with
- * LC_ERR_CANCELLED and w->load_rc set. */
+ * sources (w->sources). Sets each item's result; safe to run again after a rollback. A transient
+ * load failure ends it with LC_ERR_CANCELLED and w->load_rc set. */
 lc_rc idx_db_write(lc_db *db, void *ctx, lc_err *err);
 
 /* A DICOM DA value as the index stores it: "YYYYMMDD" (an old "YYYY.MM.DD" loses its dots);

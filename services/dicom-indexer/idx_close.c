@@ -197,7 +197,7 @@ lc_rc idx_route_batch(void *ctx, const lc_kafka_msg *msgs, size_t n, lc_err *err
         rc = lc_err_set(err, LC_ERR_NOMEM, "out of memory");
         goto out;
     }
-    if (ns > 0 && (rc = idx_handle_batch_sources(x, stored, ns, sources, err)) != LC_OK)
+    if (ns > 0 && (rc = idx_handle_batch(x, stored, ns, sources, err)) != LC_OK)
         goto out;
     if (t.nclose == 0)
         goto out;

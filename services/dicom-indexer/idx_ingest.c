@@ -677,13 +677,8 @@ static void observe(idx_ctx *x, const idx_item *items, size_t n, int64_t t0, int
         lc_gauge_set(x->m_lag_seconds, start > newest ? (double)(start - newest) / 1000.0 : 0);
 }
 
-lc_rc idx_handle_batch(void *ctx, const lc_kafka_msg *msgs, size_t n, lc_err *err)
-{
-    return idx_handle_batch_sources(ctx, msgs, n, NULL, err);
-}
-
-lc_rc idx_handle_batch_sources(idx_ctx *x, const lc_kafka_msg *msgs, size_t n, const char *sources,
-                               lc_err *err)
+lc_rc idx_handle_batch(idx_ctx *x, const lc_kafka_msg *msgs, size_t n, const char *sources,
+                       lc_err *err)
 {
     int64_t t0 = lc_now_ms(), t_load = 0, t_write = 0;
     lc_rc rc;

@@ -219,7 +219,7 @@ static void add_slice(fx *f, const char *dir, int i, const char *key, char sha[6
 static lc_rc run_batch(fx *f)
 {
     lc_err err = {0};
-    lc_rc rc = idx_handle_batch(&f->x, f->msgs, f->n, &err);
+    lc_rc rc = idx_handle_batch(&f->x, f->msgs, f->n, NULL, &err);
     if (rc != LC_OK)
         fprintf(stderr, "batch: %s\n", lc_err_msg(&err));
     return rc;

@@ -335,7 +335,7 @@ static void make_msg(fx *f, const char *key, const char *study, const char *seri
 static void run_batch(fx *f, const lc_kafka_msg *m, size_t n)
 {
     lc_err err = {0};
-    if (idx_handle_batch(&f->x, m, n, &err) != LC_OK)
+    if (idx_handle_batch(&f->x, m, n, NULL, &err) != LC_OK)
         fail_msg("batch: %s", lc_err_msg(&err));
 }
 
