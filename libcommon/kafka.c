@@ -561,21 +561,27 @@ static lc_rc consumer_error(rd_kafka_t *rk, const rd_kafka_message_t *m, lc_err 
 }
 
 /* Fill raw[] with up to max messages: wait up to POLL_STEP_MS for the first, then up to
- * wait_ms more for the rest. */
-static lc_rc collect(rd_kafka_t *rk, rd_kafka_message_t **raw, size_t max, int wait_ms, size_t *n,
-                     lc_err *err)
+ * wait_ms more for the rest, or only until no message has come for gap_ms (when > 0):
+ * messages that come together (one fetch's answer, a steady flow) still share a batch, and a
+ * burst that has ended is handed over at once instead of wait_ms after its first message. */
+static lc_rc collect(rd_kafka_t *rk, rd_kafka_message_t **raw, size_t max, int wait_ms, int gap_ms,
+                     size_t *n, lc_err *err)
 {
     int64_t deadline = 0;
     *n = 0;
     while (*n < max) {
-        int timeout = POLL_STEP_MS;
+        int timeout = POLL_STEP_MS, gapped = 0;
         if (*n > 0) {
             int64_t left = deadline - lc_now_ms();
             timeout = left > 0 ? (int)left : 0;
+            if (gap_ms > 0 && timeout > gap_ms) {
+                timeout = gap_ms;
+                gapped = 1;
+            }
         }
         rd_kafka_message_t *m = rd_kafka_consumer_poll(rk, timeout);
         if (!m) {
-            if (*n == 0 || timeout == 0)
+            if (*n == 0 || timeout == 0 || gapped)
                 return LC_OK;
             continue;
         }
@@ -653,6 +659,7 @@ lc_rc lc_kafka_consumer_run(lc_kafka_consumer *c, const lc_kafka_run_opts *opts,
             o.max_batch = opts->max_batch;
         if (opts->batch_wait_ms > 0)
             o.batch_wait_ms = opts->batch_wait_ms;
+        o.batch_gap_ms = opts->batch_gap_ms;
         if (opts->retry_backoff_ms > 0)
             o.retry_backoff_ms = opts->retry_backoff_ms;
         if (opts->retry_backoff_max > 0)
@@ -674,7 +681,7 @@ lc_rc lc_kafka_consumer_run(lc_kafka_consumer *c, const lc_kafka_run_opts *opts,
     int64_t last_tick = lc_now_ms();
     while (!atomic_load(stop)) {
         size_t n = 0;
-        rc = collect(c->rk, raw, o.max_batch, o.batch_wait_ms, &n, err);
+        rc = collect(c->rk, raw, o.max_batch, o.batch_wait_ms, o.batch_gap_ms, &n, err);
         if (rc != LC_OK) {
             for (size_t i = 0; i < n; i++)
                 rd_kafka_message_destroy(raw[i]);

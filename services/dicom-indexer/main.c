@@ -34,7 +34,10 @@ int main(int argc, char **argv)
     idx_spool *sp = NULL; /* RADPIPE_SPOOL_WATCH_DIR's watcher */
     lc_err err = {0};
     const lc_topic topics[2] = {LC_TOPIC_INSTANCE_STORED, LC_TOPIC_STUDY_CLOSE};
-    lc_kafka_run_opts opts = {.batch_wait_ms = 20, .tick = idx_tick};
+    /* A batch gathers messages for up to 20 ms, and closes sooner once none has come for 8 ms:
+     * longer than the relays' linger.ms (5), so a steady flow still fills it, while the end of
+     * a burst (the last instances of an upload) is indexed at once. */
+    lc_kafka_run_opts opts = {.batch_wait_ms = 20, .batch_gap_ms = 8, .tick = idx_tick};
     char group[256];
     int code = 1;
 

@@ -105,6 +105,7 @@ void lc_kafka_consumer_free(lc_kafka_consumer *c);
 typedef struct lc_kafka_run_opts {
     size_t max_batch;      /* messages per handler call (default 500) */
     int batch_wait_ms;     /* how long to wait to fill a batch after the first message (50) */
+    int batch_gap_ms;      /* and, when > 0, only until no message has come for this long (0) */
     int retry_backoff_ms;  /* first backoff after a failed batch, doubling (200) */
     int retry_backoff_max; /* cap (10000) */
     /* called about every idle_ms with no messages and after each batch (may be NULL): lets a

@@ -483,6 +483,100 @@ static void test_new_group_reads_from_earliest(void **state)
     free(c);
 }
 
+/* Batch closing: a first burst is consumed, and its handler produces a second burst; how long
+ * after that produce the second burst's batch reached the handler, and in how many calls. */
+typedef struct gap_run {
+    const lc_kafka_conf *conf;
+    atomic_int stop;
+    int64_t deadline, produced_at, delay;
+    int timed_out, b2_calls;
+    size_t b1, b2;
+} gap_run;
+
+static lc_rc gap_handler(void *ctx, const lc_kafka_msg *msgs, size_t n, lc_err *err)
+{
+    gap_run *g = ctx;
+    size_t b1 = 0, b2 = 0;
+    (void)err;
+    for (size_t i = 0; i < n; i++) {
+        b1 += strncmp(msgs[i].payload, "b1:", 3) == 0;
+        b2 += strncmp(msgs[i].payload, "b2:", 3) == 0;
+    }
+    g->b1 += b1;
+    if (b2) {
+        if (!g->b2_calls++)
+            g->delay = lc_now_ms() - g->produced_at;
+        g->b2 += b2;
+    }
+    if (g->b1 == 4 && !g->produced_at) {
+        produce(g->conf, LC_TOPIC_JOB_STATUS, "b2", 4, 2);
+        g->produced_at = lc_now_ms();
+    }
+    if (g->b2 == 4)
+        atomic_store(&g->stop, 1);
+    return LC_OK;
+}
+
+static void gap_tick(void *ctx)
+{
+    gap_run *g = ctx;
+    if (lc_now_ms() > g->deadline) {
+        g->timed_out = 1;
+        atomic_store(&g->stop, 1);
+    }
+}
+
+static gap_run *run_gap(cluster *cl, const char *prefix, int wait_ms, int gap_ms)
+{
+    lc_kafka_conf conf = mk_conf(cl->brokers, prefix);
+    char group[64];
+    lc_kafka_consumer *k = NULL;
+    lc_err err = {0};
+    create_topics(cl, prefix, 2);
+    produce(&conf, LC_TOPIC_JOB_STATUS, "b1", 4, 2);
+    snprintf(group, sizeof(group), "g-%sgap", prefix);
+    const lc_topic t = LC_TOPIC_JOB_STATUS;
+    assert_int_equal(lc_kafka_consumer_new(&conf, group, &t, 1, 0, &k, &err), LC_OK);
+    gap_run *g = calloc(1, sizeof(*g));
+    assert_non_null(g);
+    g->conf = &conf;
+    g->deadline = lc_now_ms() + WAIT_MS;
+    lc_kafka_run_opts o = {.max_batch = 100,
+                           .batch_wait_ms = wait_ms,
+                           .batch_gap_ms = gap_ms,
+                           .tick = gap_tick,
+                           .idle_ms = 100};
+    lc_rc rc = lc_kafka_consumer_run(k, &o, gap_handler, g, &g->stop, &err);
+    lc_kafka_consumer_free(k);
+    g->conf = NULL;
+    if (rc != LC_OK)
+        fail_msg("consumer_run: %s", lc_err_msg(&err));
+    if (g->timed_out)
+        fail_msg("%s: saw %zu + %zu of 4 + 4 messages in %d ms", prefix, g->b1, g->b2, WAIT_MS);
+    return g;
+}
+
+/* With batch_gap_ms, a burst that has ended is handed over once no message came for the gap,
+ * not batch_wait_ms after its first message; its messages still share one batch. Without it,
+ * the batch waits the whole window (it cannot close sooner: 4 messages, max_batch 100). */
+static void test_batch_gap(void **state)
+{
+    cluster *cl = *state;
+    gap_run *g = run_gap(cl, "gp.", 2000, 100);
+    assert_int_equal(g->b2, 4);
+    assert_int_equal(g->b2_calls, 1);
+    if (g->delay >= 1000)
+        fail_msg("the second burst came %lld ms after it was produced (gap 100, window 2000)",
+                 (long long)g->delay);
+    free(g);
+
+    g = run_gap(cl, "gq.", 2000, 0);
+    assert_int_equal(g->b2, 4);
+    assert_int_equal(g->b2_calls, 1);
+    assert_true(g->delay >= 2000);
+    free(g);
+}
+
 typedef struct prod_thread {
     lc_kafka_producer *p;
     const char *topic;
@@ -700,6 +794,7 @@ int main(void)
         cmocka_unit_test(test_produce_consume_in_order),
         cmocka_unit_test(test_commit_only_after_ok),
         cmocka_unit_test(test_new_group_reads_from_earliest),
+        cmocka_unit_test(test_batch_gap),
         cmocka_unit_test(test_concurrent_producers),
         cmocka_unit_test(test_produce_waits_out_full_queue),
         cmocka_unit_test(test_produce_to_unreachable_broker),
