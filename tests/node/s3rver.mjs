@@ -4,7 +4,8 @@
 //    so tests count what reached the server (parts sent, retries);
 //  - the three multipart calls s3rver 3.7 lacks, served from its own upload directory
 //    (<dir>/<bucket>/._S3rver_uploads/<id>/): AbortMultipartUpload, ListParts,
-//    ListMultipartUploads; and UploadPart to an unknown upload answers NoSuchUpload as S3 does;
+//    ListMultipartUploads; and UploadPart or CompleteMultipartUpload of an unknown (aborted)
+//    upload answers NoSuchUpload as S3 does;
 //  - fault injection: --fail-every N answers every Nth PUT/POST with 503 SlowDown before
 //    s3rver sees it; --drop-every N breaks the connection of every Nth part upload after
 //    its first bytes; --part-delay-ms N holds each part upload that long.
@@ -83,6 +84,22 @@ async function faults(ctx, next) {
   }
 }
 
+// Abort an upload: its key file goes first (from then on the upload does not exist), then its
+// other files; its directory stays. s3rver's putPart makes the directory, then opens the part
+// file in it, and node dies (an unhandled stream error) if the directory vanished in between,
+// which an abort racing a part upload did (s3rver itself still removes the directory of a
+// completed upload; clients complete only once every part is answered).
+function dropUpload(udir) {
+  fs.rmSync(path.join(udir, 'key'), { force: true });
+  let names = [];
+  try {
+    names = fs.readdirSync(udir);
+  } catch {
+    return;
+  }
+  for (const n of names) fs.rmSync(path.join(udir, n), { recursive: true, force: true });
+}
+
 // Innermost (after s3rver's virtual-host rewrite): the multipart calls s3rver lacks.
 async function multipartExtras(ctx, next) {
   const m = /^\/([^/]+)(?:\/(.*))?$/.exec(ctx.path);
@@ -91,19 +108,19 @@ async function multipartExtras(ctx, next) {
   const key = m[2] ? decodeURIComponent(m[2]) : '';
   const uploads = path.join(dir, bucket, '._S3rver_uploads');
   const uid = ctx.query.uploadId;
-  // S3 refuses a part for an upload that was aborted or completed; s3rver would recreate its
-  // directory (a part dropped by a stopped client can still arrive after the abort)
-  if (key && uid && ctx.method === 'PUT') {
+  // S3 refuses a part, or the completion, of an upload that was aborted or completed; s3rver
+  // would store the part (a part dropped by a stopped client can still arrive after the abort)
+  if (key && uid && (ctx.method === 'PUT' || ctx.method === 'POST')) {
     const udir = path.join(uploads, path.basename(uid));
-    if (!fs.existsSync(path.join(udir, 'key')))
-      return xmlError(ctx, 404, 'NoSuchUpload', 'The specified upload does not exist.');
-    // aborted while s3rver still handled the part (it arrived first): s3rver's putPart makes
-    // the directory again; drop it once the part is done, as S3 would have refused the part
     const gone = () => !fs.existsSync(path.join(udir, 'key'));
+    if (gone()) return xmlError(ctx, 404, 'NoSuchUpload', 'The specified upload does not exist.');
+    if (ctx.method === 'POST') return next();
+    // aborted while s3rver still handled the part (it arrived first): drop the part's files
+    // once it is done, as S3 would have refused the part
     try {
       await next();
     } finally {
-      if (gone()) fs.rmSync(udir, { recursive: true, force: true });
+      if (gone()) dropUpload(udir);
     }
     if (gone()) xmlError(ctx, 404, 'NoSuchUpload', 'The specified upload does not exist.');
     return;
@@ -118,7 +135,7 @@ async function multipartExtras(ctx, next) {
     }
     if (storedKey !== key) return xmlError(ctx, 404, 'NoSuchUpload', 'The upload belongs to another key.');
     if (ctx.method === 'DELETE') {
-      fs.rmSync(udir, { recursive: true, force: true });
+      dropUpload(udir);
       ctx.status = 204;
       return;
     }

@@ -35,7 +35,8 @@ void ts_s3_free(ts_s3 *s);
 int ts_s3_aws(const ts_s3 *s, const char *args, char **out);
 /* Number of request log lines containing every one of the NULL-terminated needles. */
 int ts_s3_log_count(const ts_s3 *s, const char *const needles[]);
-/* Incomplete multipart uploads s3rver holds for bucket (directories in its upload area). */
+/* Incomplete multipart uploads s3rver holds for bucket (directories in its upload area that
+ * still hold the upload's key file). */
 int ts_s3_incomplete_uploads(const ts_s3 *s, const char *bucket);
 
 #endif

@@ -226,6 +226,19 @@ static int count_log(fx *f, const char *a, const char *b)
     return ts_s3_log_count(&f->s3, (const char *const[]){a, b, NULL});
 }
 
+/* For a failure's message: s3rver's upload area, the last requests it logged other than
+ * GETs, and its own output (leaked: the test ends with the message). */
+static char *s3_state(fx *f)
+{
+    char *cmd = xfmt("ls -lR %s/archive/._S3rver_uploads; grep -v '\"GET\"' %s | tail -40; "
+                     "tail -20 %s/s3rver.out",
+                     f->s3.data, f->s3.log, f->s3.dir),
+         *out = NULL;
+    ts_run(cmd, &out);
+    free(cmd);
+    return out ? out : "";
+}
+
 static void test_instance_layout_with_pattern(void **state)
 {
     fx *f = *state;
@@ -642,17 +655,13 @@ static void test_resume_of_vanished_upload_starts_over(void **state)
     assert_int_equal(ts_s3_incomplete_uploads(&f->s3, "archive"), 0);
 
     /* the resume finds it gone and starts a new upload instead of failing */
-    assert_int_equal(run(f, "{\"layout\": \"study-tar\"}", &res, &e), LC_OK);
+    lc_rc rc = run(f, "{\"layout\": \"study-tar\"}", &res, &e);
+    if (rc != LC_OK)
+        fail_msg("the resume failed: %s: %s\n%s", lc_strerror(rc), e.msg, s3_state(f));
     cJSON_Delete(res);
     assert_int_equal(count_log(f, "\"m\":\"POST\"", "\"q\":\"uploads="), 2);
-    if (ts_s3_incomplete_uploads(&f->s3, "archive") != 0) {
-        char *cmd = xfmt("ls -lR %s/archive/._S3rver_uploads; grep -v '\"GET\"' %s | tail -40",
-                         f->s3.data, f->s3.log),
-             *out = NULL;
-        ts_run(cmd, &out);
-        free(cmd);
-        fail_msg("an incomplete upload is left:\n%s", out ? out : ""); /* ends the test */
-    }
+    if (ts_s3_incomplete_uploads(&f->s3, "archive") != 0)
+        fail_msg("an incomplete upload is left:\n%s", s3_state(f)); /* ends the test */
     char *tmp = ts_tmpdir("upls3van"), *k = xfmt("archive/radpipe/%s/%s.tar", f->study, f->study);
     char *p = aws_download(f, k, tmp, "v.tar");
     check_tar(f, p, 6);
