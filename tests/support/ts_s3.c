@@ -137,18 +137,17 @@ int ts_s3_incomplete_uploads(const ts_s3 *s, const char *bucket)
     char *d = xfmt("%s/%s/._S3rver_uploads", s->data, bucket);
     DIR *dir = opendir(d);
     int n = 0;
-    free(d);
-    if (!dir)
-        return 0;
     struct dirent *e;
-    while ((e = readdir(dir))) {
+    while (dir && (e = readdir(dir))) {
         if (e->d_name[0] == '.')
             continue;
         /* an aborted upload's directory stays behind, empty (see tests/node/s3rver.mjs) */
-        char *k = xfmt("%s/%s/._S3rver_uploads/%s/key", s->data, bucket, e->d_name);
+        char *k = xfmt("%s/%s/key", d, e->d_name);
         n += access(k, F_OK) == 0;
         free(k);
     }
-    closedir(dir);
+    if (dir)
+        closedir(dir);
+    free(d);
     return n;
 }
