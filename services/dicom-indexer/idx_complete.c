@@ -32,7 +32,7 @@ static const char cand_sql[] =
 
 static const char descs_sql[] =
     "SELECT se.study_uid, jsonb_agg(se.series_description)::text FROM series se"
-    " WHERE se.study_uid IN (SELECT jsonb_array_elements_text($1::jsonb))"
+    " WHERE se.study_uid = ANY (ARRAY(SELECT jsonb_array_elements_text($1::jsonb)))"
     " AND se.num_instances > 0 GROUP BY se.study_uid";
 
 /* Studies of $1 whose every series has an expected count it has reached. A series' count is
@@ -43,17 +43,17 @@ static const char descs_sql[] =
     "CASE WHEN (m.json->'" tag "'->'Value'->>0) ~ '^[0-9]{1,9}$'"                                  \
     " THEN (m.json->'" tag "'->'Value'->>0)::int END"
 static const char counts_sql[] =
-    "WITH t AS (SELECT jsonb_array_elements_text($1::jsonb) AS study_uid),"
+    "WITH u AS (SELECT ARRAY(SELECT jsonb_array_elements_text($1::jsonb)) AS uids),"
     " per AS (SELECT i.study_uid, i.series_uid, count(*) AS n,"
     "  count(*) FILTER (WHERE h.iia IS NULL) AS iia_missing, min(h.iia) AS iia_min,"
     "  max(h.iia) AS iia_max, count(*) FILTER (WHERE h.ntp IS NULL) AS ntp_missing,"
     "  min(h.ntp) AS ntp_min, max(h.ntp) AS ntp_max, count(DISTINCT h.acq) AS nacq,"
     "  count(DISTINCT i.image_position) AS npos, count(i.image_position) AS with_pos"
-    "  FROM instances i JOIN t ON t.study_uid = i.study_uid"
-    "  LEFT JOIN instance_metadata m ON m.sop_uid = i.sop_uid"
+    "  FROM instances i LEFT JOIN instance_metadata m ON m.sop_uid = i.sop_uid"
     "  CROSS JOIN LATERAL (SELECT " HINT("00201002") " AS iia, " HINT(
         "00200105") " AS ntp,"
                     "   m.json->'00200012'->'Value'->>0 AS acq) h"
+                    "  WHERE i.study_uid = ANY ((SELECT uids FROM u)::text[])"
                     "  GROUP BY i.study_uid, i.series_uid),"
                     " e AS (SELECT study_uid, n,"
                     "  CASE WHEN iia_missing = 0 AND iia_min = iia_max AND iia_min > 0 AND nacq <= "
@@ -67,9 +67,10 @@ static const char counts_sql[] =
                     "OR e1 = e2)"
                     "  AND n = COALESCE(e1, e2))";
 
-static const char lock_sql[] = "SELECT study_uid FROM studies WHERE dirty"
-                               " AND study_uid IN (SELECT jsonb_array_elements_text($1::jsonb))"
-                               " ORDER BY last_instance_at, study_uid FOR UPDATE SKIP LOCKED";
+static const char lock_sql[] =
+    "SELECT study_uid FROM studies WHERE dirty"
+    " AND study_uid = ANY (ARRAY(SELECT jsonb_array_elements_text($1::jsonb)))"
+    " ORDER BY last_instance_at, study_uid FOR UPDATE SKIP LOCKED";
 
 static const char bump_sql[] =
     "UPDATE studies SET dirty = false, completed_version = completed_version + 1,"

@@ -193,24 +193,34 @@ static const char upsert_instances_sql[] =
 /* The DICOM JSON of replaced instances is written again (COPY cannot update). */
 static const char drop_md_sql[] =
     "DELETE FROM instance_metadata"
-    " WHERE sop_uid = ANY (SELECT jsonb_array_elements_text($1::jsonb))";
+    " WHERE sop_uid = ANY (ARRAY(SELECT jsonb_array_elements_text($1::jsonb)))";
 
 /* Counts are recomputed from the instances table (never incremented), so they stay exact
- * whatever was redelivered; the studies are marked dirty for completion. */
+ * whatever was redelivered; the studies are marked dirty for completion.
+ * Each batch must cost what its own studies cost, not what the archive holds:
+ *  - every table is read through an index on the batch's keys (col = ANY (array)). A join
+ *    against jsonb_array_elements_text, which the planner guesses at 100 rows, let it hash
+ *    whole tables;
+ *  - it is planned on every call (lc_db_exec), like seen_sql. A prepared statement keeps the
+ *    generic plan it made while the tables were small (a sequential scan) until autovacuum
+ *    next analyzes them: after a bulk load each batch read the whole archive.
+ * test_idx's test_batch_cost_is_independent_of_archive_size checks both. */
 static const char recount_sql[] =
-    "WITH t AS (SELECT DISTINCT jsonb_array_elements_text($1::jsonb) AS study_uid),"
-    " ser AS (UPDATE series se SET num_instances = c.n, updated_at = now()"
-    "  FROM (SELECT i.series_uid, count(*)::int AS n FROM instances i"
-    "        JOIN t ON t.study_uid = i.study_uid GROUP BY i.series_uid) c"
-    "  WHERE se.series_uid = c.series_uid AND se.num_instances <> c.n RETURNING 1)"
-    " UPDATE studies st SET num_series = c.ns, num_instances = c.ni, modalities = c.mods,"
+    "WITH u AS (SELECT ARRAY(SELECT DISTINCT jsonb_array_elements_text($1::jsonb)) AS uids),"
+    " sc AS (SELECT i.series_uid, count(*)::int AS n FROM instances i"
+    "  WHERE i.study_uid = ANY ((SELECT uids FROM u)::text[]) GROUP BY i.series_uid),"
+    " ser AS (UPDATE series se SET num_instances = sc.n, updated_at = now() FROM sc"
+    "  WHERE se.series_uid = ANY (ARRAY(SELECT series_uid FROM sc))"
+    "  AND se.series_uid = sc.series_uid AND se.num_instances <> sc.n RETURNING 1)"
+    " UPDATE studies st SET num_series = c.ns, num_instances = c.ni, modalities = m.mods,"
     " dirty = true, last_instance_at = now(), updated_at = now()"
     " FROM (SELECT i.study_uid, count(DISTINCT i.series_uid)::int AS ns, count(*)::int AS ni,"
-    "       COALESCE(array_agg(DISTINCT se.modality ORDER BY se.modality)"
-    "                FILTER (WHERE se.modality IS NOT NULL), '{}') AS mods"
-    "       FROM instances i JOIN t ON t.study_uid = i.study_uid"
-    "       JOIN series se ON se.series_uid = i.series_uid GROUP BY i.study_uid) c"
-    " WHERE st.study_uid = c.study_uid";
+    "       array_agg(DISTINCT i.series_uid) AS sers FROM instances i"
+    "       WHERE i.study_uid = ANY ((SELECT uids FROM u)::text[]) GROUP BY i.study_uid) c"
+    " CROSS JOIN LATERAL (SELECT COALESCE(array_agg(DISTINCT se.modality ORDER BY se.modality)"
+    "  FILTER (WHERE se.modality IS NOT NULL), '{}') AS mods"
+    "  FROM series se WHERE se.series_uid = ANY (c.sers)) m"
+    " WHERE st.study_uid = ANY ((SELECT uids FROM u)::text[]) AND st.study_uid = c.study_uid";
 
 /* Which source (instance.stored data.source) sent each study, for routing rules: the first
  * one recorded stays. jsonb_to_recordset's rows do not change the plan: prepared once. */
@@ -223,8 +233,10 @@ static const char sources_sql[] =
     " source_name = EXCLUDED.source_name, updated_at = now()"
     " WHERE c.source_kind IS NULL AND c.source_name IS NULL";
 
-static const char seen_sql[] = "SELECT event_id FROM processed_events WHERE consumer = $1"
-                               " AND event_id IN (SELECT jsonb_array_elements_text($2::jsonb))";
+/* An index scan on (consumer, event_id) whatever the table's size: see recount_sql. */
+static const char seen_sql[] =
+    "SELECT event_id FROM processed_events WHERE consumer = $1"
+    " AND event_id = ANY (ARRAY(SELECT jsonb_array_elements_text($2::jsonb)))";
 
 static const char claim_sql[] = "INSERT INTO processed_events (consumer, event_id)"
                                 " SELECT $1, e FROM jsonb_array_elements_text($2::jsonb) AS e"
@@ -284,7 +296,7 @@ lc_rc idx_db_mark_processed(lc_db *db, idx_item *items, size_t n, lc_err *err)
     if (count == 0)
         goto out;
     const char *p[2] = {IDX_SERVICE, ids};
-    if ((rc = lc_db_exec_static(db, seen_sql, 2, p, &res, err)) != LC_OK)
+    if ((rc = lc_db_exec(db, seen_sql, 2, p, &res, err)) != LC_OK)
         goto out;
     for (int r = 0; r < PQntuples(res); r++) {
         for (size_t i = 0; i < n; i++)
@@ -773,8 +785,8 @@ lc_rc idx_db_write(lc_db *db, void *ctx, lc_err *err)
             goto out;
         }
         const char *p[1] = {touched_s};
-        /* prepared once per session: its plan does not depend on the staging table */
-        if ((rc = lc_db_exec_static(db, recount_sql, 1, p, NULL, err)) != LC_OK)
+        /* planned on every call, like seen_sql: see recount_sql */
+        if ((rc = lc_db_exec(db, recount_sql, 1, p, NULL, err)) != LC_OK)
             goto out;
     }
     if (wr->sources) {

@@ -476,6 +476,96 @@ static void test_replace_changed_file(void **state)
     assert_int_equal(count_rows(f, "instances"), 4);
 }
 
+/* Rows the archive's tables have given to scans so far (sequential scans, and index and
+ * bitmap scans, which seq_tup_read leaves out), in total and per table (*detail, malloc'd). This
+ * session's statistics stay in its backend for up to a second (PostgreSQL 15): they are flushed
+ * first. */
+static long long seq_rows_read(fx *f, char **detail)
+{
+    static const char tables[] = " WHERE relname IN ('patients', 'studies', 'series', 'instances',"
+                                 " 'instance_metadata', 'processed_events', 'study_completion')";
+    char sql[512];
+    exec_ok(f, "SELECT pg_stat_force_next_flush()");
+    snprintf(
+        sql, sizeof(sql),
+        "SELECT string_agg(relname || '=' || seq_tup_read || '+' || COALESCE(idx_tup_fetch, 0), ' '"
+        " ORDER BY relname)"
+        " FROM pg_stat_user_tables%s",
+        tables);
+    *detail = q_str(f, sql, NULL);
+    snprintf(sql, sizeof(sql),
+             "SELECT COALESCE(sum(seq_tup_read + COALESCE(idx_tup_fetch, 0)), 0)"
+             " FROM pg_stat_user_tables%s",
+             tables);
+    return q_ll(f, sql, NULL);
+}
+
+/* A batch that replaces slice 1 by its other transfer syntax (k picks which), so that every
+ * statement of the write path runs, the recount included, and sends slice 2 again. */
+static void replace_batch(fx *f, int k)
+{
+    add_slice(f, k % 2 ? f->rle_dir : f->jpeg_dir, 0,
+              k % 2 ? "incoming/rle/1.dcm" : "incoming/jpeg/1.dcm", NULL);
+    add_slice(f, f->jpeg_dir, 1, "incoming/jpeg/2.dcm", NULL);
+    run_ok(f);
+    assert_int_equal(f->x.last.replaced, 1);
+    assert_int_equal(f->x.last.duplicates + f->x.last.replaced, 2);
+    clear_msgs(f);
+}
+
+#define ARCHIVE_STUDIES 5000 /* of 10 instances each */
+
+/* A batch reads what its own studies need, however big the archive around them is, and also
+ * right after the archive grew, before autovacuum has analyzed it: a session that prepared its
+ * statements while the tables were small must not keep scanning them whole. */
+static void test_batch_cost_is_independent_of_archive_size(void **state)
+{
+    fx *f = *state;
+    char g[16];
+    index_slices(f, 0, 4);
+    /* more than 5 runs each: PostgreSQL now uses a generic plan for what it has prepared */
+    for (int k = 1; k <= 8; k++)
+        replace_batch(f, k);
+    /* 50,000 instances arrive another way (another indexer, a bulk load) */
+    snprintf(g, sizeof(g), "%d", ARCHIVE_STUDIES);
+    free(q_str(f,
+               "WITH s AS (INSERT INTO studies (study_uid)"
+               " SELECT '2.25.' || g FROM generate_series(1, $1::int) g RETURNING 1)"
+               " SELECT count(*) FROM s",
+               g));
+    exec_ok(f, "INSERT INTO series (series_uid, study_uid, modality, num_instances)"
+               " SELECT study_uid || '.1', study_uid, 'CT', 10 FROM studies"
+               " WHERE study_uid LIKE '2.25.%'");
+    exec_ok(f, "INSERT INTO instances (sop_uid, series_uid, study_uid, sop_class_uid, store_key,"
+               " size_bytes, sha256) SELECT se.series_uid || '.' || i, se.series_uid,"
+               " se.study_uid, '1.2.840.10008.5.1.4.1.1.2', 'k/' || se.series_uid || '/' || i, 1,"
+               " repeat('0', 64) FROM series se, generate_series(1, 10) i"
+               " WHERE se.study_uid LIKE '2.25.%'");
+    exec_ok(f, "INSERT INTO instance_metadata (sop_uid, json) SELECT sop_uid, '{}' FROM instances"
+               " WHERE study_uid LIKE '2.25.%'");
+    exec_ok(f, "INSERT INTO processed_events (consumer, event_id)"
+               " SELECT 'dicom-indexer', gen_random_uuid()::text FROM instances"
+               " WHERE study_uid LIKE '2.25.%'");
+    assert_int_equal(count_rows(f, "instances"), ARCHIVE_STUDIES * 10 + 4);
+
+    /* first with the statistics of the small tables, then analyzed */
+    for (int pass = 0; pass < 2; pass++) {
+        char *was = NULL, *now = NULL;
+        long long before = seq_rows_read(f, &was);
+        replace_batch(f, 9 + pass); /* the warm-up ended with k = 8 */
+        long long read = seq_rows_read(f, &now) - before;
+        if (read > 1000)
+            fail_msg("%s: one batch of 2 instances read %lld rows"
+                     " (sequential+index rows read before: %s; after: %s)",
+                     pass ? "analyzed" : "not analyzed", read, was, now);
+        free(was);
+        free(now);
+        exec_ok(f, "ANALYZE");
+    }
+    assert_q(f, "SELECT concat_ws('|', num_instances, dirty) FROM studies WHERE study_uid = $1",
+             STUDY, "4|t");
+}
+
 static void test_source_trusted(void **state)
 {
     (void)state;
@@ -835,6 +925,8 @@ int main(void)
         cmocka_unit_test_setup_teardown(test_trusted_source_hash, setup, teardown),
         cmocka_unit_test_setup_teardown(test_index_series, setup, teardown),
         cmocka_unit_test_setup_teardown(test_replace_changed_file, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_batch_cost_is_independent_of_archive_size, setup,
+                                        teardown),
         cmocka_unit_test_setup_teardown(test_poison_is_quarantined, setup, teardown),
         cmocka_unit_test_setup_teardown(test_failed_transaction_leaves_nothing, setup, teardown),
         cmocka_unit_test_setup_teardown(test_completion, setup, teardown),
